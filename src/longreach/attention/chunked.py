@@ -1,0 +1,62 @@
+"""Dual chunk attention, DCA (An et al., 2024, "Training-Free Long-Context Scaling", ChunkLlama).
+
+Positions are cut into chunks of ``chunk_len = chunk_size - local_window``; every key gets position
+p_k mod chunk_len. The query's position depends on the key's chunk relative to its own:
+- intra (same chunk): p_q mod chunk_len, exact relative distances;
+- successive (previous chunk): min(p_q mod chunk_len + chunk_len, chunk_size), exact for the first
+  ``local_window`` queries of a chunk and capped after;
+- inter (earlier chunks): the constant chunk_size.
+One softmax runs over all three parts (equal to ChunkLlama's log-sum-exp merge). Defaults follow
+ChunkLlama: chunk_size = 3L/4, local_window = L/16 for pre-training length L = ``train_length``.
+No relative distance exceeds chunk_size < L, whatever the input length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..positions import Rope
+from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope
+
+
+def chunk_sizes(train_length: int, chunk_size: int | None, local_window: int | None) -> tuple[int, int]:
+    chunk_size = 3 * train_length // 4 if chunk_size is None else chunk_size
+    local_window = train_length // 16 if local_window is None else local_window
+    if not 0 <= local_window < chunk_size:
+        raise ValueError(f"local_window must be in [0, chunk_size={chunk_size}), got {local_window}")
+    return chunk_size, local_window
+
+
+def _dca_logits(rope: Rope, scale: float, chunk_size: int, chunk_len: int) -> Logits:
+    def logits(t: Tile) -> Tensor:
+        q_chunk, q_in = t.q_pos // chunk_len, t.q_pos % chunk_len
+        k_chunk = t.k_pos // chunk_len
+        k = rope.rotate(t.k, t.k_pos % chunk_len)
+        intra = dot(rope.rotate(t.q, q_in), k, scale)
+        successive = dot(rope.rotate(t.q, (q_in + chunk_len).clamp_max(chunk_size)), k, scale)
+        inter = dot(rope.rotate(t.q, torch.full_like(q_in, chunk_size)), k, scale)
+        gap = q_chunk[..., None] - k_chunk[..., None, :]
+        return torch.where(gap == 0, intra, torch.where(gap == 1, successive, inter))
+
+    return logits
+
+
+def dca(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    positions: Positions,
+    rope: Rope | None,
+    scale: float | None = None,
+    train_length: int = 4096,
+    chunk_size: int | None = None,
+    local_window: int | None = None,
+    block_size: int = 64,
+) -> Tensor:
+    """Dual chunk attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) un-rotated -> (b, h, Lq, d)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chunk_size, local_window = chunk_sizes(train_length, chunk_size, local_window)
+    logits = _dca_logits(require_rope(rope, "dca"), scale, chunk_size, chunk_size - local_window)
+    return blocked_attention(q, k, v, positions, block_size=block_size, key_blocks=None, logits=logits)

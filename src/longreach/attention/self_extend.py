@@ -1,0 +1,50 @@
+"""Self-Extend (Jin et al., 2024, "LLM Maybe LongLM"): grouped positions beyond a neighbour window.
+
+For query position p_q and key position p_k (p_q >= p_k):
+- neighbour (p_q - p_k < window): the ordinary positions;
+- grouped otherwise: key position p_k // G, query position p_q // G + window - window // G, so the
+  two maps meet at distance ``window``.
+One softmax over the merged logits. The usable length is (L - window) * G + window for pre-training
+length L; the default window is L / 4 (LongLM's 1024 for L = 4096) and G = 8 (its signature default).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..positions import Rope
+from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope
+
+
+def _self_extend_logits(rope: Rope, scale: float, group: int, window: int) -> Logits:
+    def logits(t: Tile) -> Tensor:
+        near = dot(rope.rotate(t.q, t.q_pos), rope.rotate(t.k, t.k_pos), scale)
+        far = dot(
+            rope.rotate(t.q, t.q_pos // group + window - window // group),
+            rope.rotate(t.k, t.k_pos // group),
+            scale,
+        )
+        return torch.where(t.q_pos[..., None] - t.k_pos[..., None, :] < window, near, far)
+
+    return logits
+
+
+def self_extend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    positions: Positions,
+    rope: Rope | None,
+    scale: float | None = None,
+    train_length: int = 4096,
+    group_size: int = 8,
+    window: int | None = None,
+    block_size: int = 64,
+) -> Tensor:
+    """Self-Extend. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) un-rotated -> (b, h, Lq, d)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    window = train_length // 4 if window is None else window
+    logits = _self_extend_logits(require_rope(rope, "self_extend"), scale, group_size, window)
+    return blocked_attention(q, k, v, positions, block_size=block_size, key_blocks=None, logits=logits)

@@ -1,0 +1,107 @@
+"""Shifted sparse attention: LongLoRA's S2 (Chen et al., 2023) and SinkLoRA's SF (Zhang, 2024).
+
+S2: the sequence is cut into groups of G tokens and each query attends causally inside its group;
+the second half of the heads (h >= H // 2) uses groups shifted by G / 2, so information flows
+between neighbouring groups. longreach follows LongLoRA's flash-attention path: shifted groups
+start at G/2 + nG with a first group [0, G/2), so nothing wraps around the sequence end.
+SF (longreach's definition, the paper's indices could not be read): the shifted heads' groups are
+cut at the unshifted group borders and reassembled into the unshifted layout, so a shifted head
+never reaches across the start of the sequence, and every query also attends to the first
+``sink`` tokens (global attention sinks). With sink = 0 SF equals S2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..positions import Rope
+from .core import Logits, Positions, Tile, blocked_attention, dot, rotate
+
+
+def group_size_for(k_len: int, group_size: int | None) -> int:
+    """LongLoRA's default G = n / 4 (rounded up) unless a size is given."""
+    return max(2, math.ceil(k_len / 4)) if group_size is None else group_size
+
+
+def head_shifts(heads: int, group: int, shift: bool, device: torch.device | str) -> Tensor:
+    """(heads,) offset added to indices before grouping: G/2 for heads >= H // 2 when shifting."""
+    shifted = torch.arange(heads, device=device) >= heads // 2
+    return (shifted & shift).long() * (group // 2)
+
+
+def _shifted_tables(batch: int, heads: int, q_len: int, k_len: int, block: int, group: int,
+                    shifts: Tensor, sink: int) -> Tensor:
+    first = k_len - q_len
+    q_blocks = torch.arange(first // block, (k_len - 1) // block + 1, device=shifts.device)
+    lead = q_blocks[None, :] * block + shifts[:, None]
+    group_start = (lead // group * group - shifts[:, None]).clamp_min(0)
+    n_sink = -(-sink // block)
+    width = group // block + 2
+    table = (group_start // block)[..., None] + torch.arange(width, device=shifts.device)
+    table = torch.where((table <= q_blocks[None, :, None]) & (table >= n_sink), table, -1)
+    if n_sink:
+        sinks = torch.arange(n_sink, device=shifts.device).expand(heads, len(q_blocks), n_sink)
+        sinks = torch.where(sinks <= q_blocks[None, :, None], sinks, -1)
+        table = torch.cat([sinks, table], dim=-1)
+    return table.expand(batch, heads, -1, -1)
+
+
+def _group_logits(rope: Rope | None, scale: float, group: int, shifts: Tensor, sink: int) -> Logits:
+    def logits(t: Tile) -> Tensor:
+        s = shifts.view(1, -1, 1, 1, 1)
+        same = (t.q_index[..., None] + s) // group == (t.k_index[..., None, :] + s) // group
+        allowed = same | (t.k_index[..., None, :] < sink)
+        scores = dot(rotate(rope, t.q, t.q_pos), rotate(rope, t.k, t.k_pos), scale)
+        return scores.masked_fill(~allowed, float("-inf"))
+
+    return logits
+
+
+def _shifted(q: Tensor, k: Tensor, v: Tensor, positions: Positions, rope: Rope | None, scale: float | None,
+             group_size: int | None, shift: bool, sink: int, block_size: int) -> Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    group = group_size_for(k_len, group_size)
+    block = min(block_size, group)
+    shifts = head_shifts(heads, group, shift, q.device)
+    table = _shifted_tables(batch, heads, q_len, k_len, block, group, shifts, sink)
+    logits = _group_logits(rope, scale, group, shifts, sink)
+    return blocked_attention(q, k, v, positions, block_size=block, key_blocks=table, logits=logits)
+
+
+def s2(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    positions: Positions,
+    rope: Rope | None,
+    scale: float | None = None,
+    group_size: int | None = None,
+    shift: bool = True,
+    block_size: int = 64,
+) -> Tensor:
+    """S2-Attn. Query index i and key index j of head h attend iff j <= i and
+    (i + s_h) // G == (j + s_h) // G, s_h = G/2 for shifted heads. q (b, h, Lq, d) -> (b, h, Lq, d)."""
+    return _shifted(q, k, v, positions, rope, scale, group_size, shift, 0, block_size)
+
+
+def sf(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    positions: Positions,
+    rope: Rope | None,
+    scale: float | None = None,
+    group_size: int | None = None,
+    shift: bool = True,
+    sink: int = 4,
+    block_size: int = 64,
+) -> Tensor:
+    """SF-Attn: S2's groups in the reassembled layout, plus keys j < ``sink`` visible to every query."""
+    return _shifted(q, k, v, positions, rope, scale, group_size, shift, sink, block_size)

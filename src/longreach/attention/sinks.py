@@ -1,0 +1,67 @@
+"""Attention sinks plus a sliding window (Xiao et al., 2024, StreamingLLM).
+
+Query index i attends to the first ``sink`` keys and to keys j with i - j < ``window``. Positions
+are re-indexed as in a rolling cache of sink + window slots: window keys keep their true
+distance i - j, and a sink key j is seen from position min(i, sink + window - 1), i.e. as if the
+evicted middle were not there. With window >= length this is dense attention.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..positions import Rope
+from .core import Logits, Positions, Tile, blocked_attention, dot, rotate
+
+
+def sink_window_tables(batch: int, heads: int, q_len: int, k_len: int, block: int, sink: int,
+                       window: int, device: torch.device | str) -> Tensor:
+    """(b, h, nq, K) key blocks: the sink blocks and the blocks the window of each query block touches."""
+    first = k_len - q_len
+    q_blocks = torch.arange(first // block, (k_len - 1) // block + 1, device=device)
+    n_sink = -(-sink // block)
+    start = (q_blocks * block - window + 1).clamp_min(0) // block
+    width = -(-window // block) + 1
+    table = start[:, None] + torch.arange(width, device=device)
+    table = torch.where((table <= q_blocks[:, None]) & (table >= n_sink), table, -1)
+    sinks = torch.arange(n_sink, device=device).expand(len(q_blocks), n_sink)
+    sinks = torch.where(sinks <= q_blocks[:, None], sinks, -1)
+    return torch.cat([sinks, table], dim=-1).expand(batch, heads, -1, -1)
+
+
+def _sink_logits(rope: Rope | None, scale: float, sink: int, window: int) -> Logits:
+    def logits(t: Tile) -> Tensor:
+        k = rotate(rope, t.k, t.k_pos)
+        recent = dot(rotate(rope, t.q, t.q_pos), k, scale)
+        distance = t.q_index[..., None] - t.k_index[..., None, :]
+        in_window = distance < window
+        if rope is None:
+            scores = recent
+        else:
+            sink_pos = t.q_pos.clamp_max(sink + window - 1)
+            far = dot(rope.rotate(t.q, sink_pos), rotate(rope, t.k, t.k_index.clamp_min(0)), scale)
+            scores = torch.where(in_window, recent, far)
+        return scores.masked_fill(~(in_window | (t.k_index[..., None, :] < sink)), float("-inf"))
+
+    return logits
+
+
+def sinks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    positions: Positions,
+    rope: Rope | None,
+    scale: float | None = None,
+    sink: int = 4,
+    window: int = 1024,
+    block_size: int = 64,
+) -> Tensor:
+    """Sinks + sliding window. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    batch, heads, q_len, _ = q.shape
+    table = sink_window_tables(batch, heads, q_len, k.shape[2], block_size, sink, window, q.device)
+    logits = _sink_logits(rope, scale, sink, window)
+    return blocked_attention(q, k, v, positions, block_size=block_size, key_blocks=table, logits=logits)

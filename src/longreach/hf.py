@@ -1,0 +1,235 @@
+"""The only module that knows transformers: attention registry, rotary hand-over, extend/restore.
+
+How RoPE reaches the methods un-applied without copying model code: the model's rotary module is
+swapped for one that returns cos = 1 and sin = 0 (stride-0 broadcasts), so the model's own
+``apply_rotary_pos_emb`` leaves q and k unchanged. The registered attention function then gets the
+un-rotated query and key (the cache stores keys as they arrive, so it holds un-rotated keys), the
+``position_ids`` that transformers forwards, and the rope configured here, and hands all of it to
+the method. Key positions are derived from the cache layout: slot j of a padded row holds the
+position one more than slot j - 1, and the last slot holds the last query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface
+
+from . import positions as pos
+from .attention import METHODS, Positions, check_options, get_method
+
+PREFIX = "longreach_"
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+TRAIN_LENGTH_OPTIONS = ("train_length",)
+
+
+@dataclass
+class Setup:
+    """What ``extend`` installed on a model, and what ``restore`` puts back."""
+
+    method: str
+    options: dict[str, Any]
+    rope: pos.Rope | pos.DynamicRope
+    position: str | None
+    original_rotary: nn.Module
+    original_attn: str | None
+
+
+class UnappliedRotary(nn.Module):
+    """Stands in for the model's rotary module: cos = 1, sin = 0, so q and k pass un-rotated."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (*position_ids.shape, self.head_dim)
+        one = torch.ones((), dtype=x.dtype, device=x.device).expand(shape)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
+        return one, zero
+
+
+def _key_positions(query_pos: Tensor, k_len: int) -> Tensor:
+    """(b, Lk) positions of the cached keys: consecutive, ending at the last query's position.
+
+    This is how transformers numbers them: ``generate`` gives a left-padded row positions from its
+    first real token on, a plain forward gives 0..L-1; both are consecutive along the cache.
+    """
+    offset = query_pos[:, -1:] - (k_len - 1)
+    return torch.arange(k_len, device=query_pos.device) + offset
+
+
+def _attention(name: str):
+    method = get_method(name)
+
+    def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                  scaling: float | None = None, dropout: float = 0.0, position_ids: Tensor | None = None,
+                  **kwargs: Any) -> tuple[Tensor, None]:
+        setup: Setup | None = getattr(module, "_longreach", None)
+        batch, _, q_len, _ = query.shape
+        k_len = key.shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(k_len - q_len, k_len, device=query.device)
+        query_pos = position_ids.expand(batch, q_len)
+        key_mask = None if attention_mask is None else attention_mask[:, -k_len:]
+        key_pos = _key_positions(query_pos, k_len)
+        where = Positions(query_pos, key_pos, key_mask)
+        options = dict(setup.options) if setup is not None else {}
+        if name == "dense" and kwargs.get("sliding_window") is not None:
+            options.setdefault("sliding_window", kwargs["sliding_window"])
+        rope = None
+        if setup is not None:
+            rope = setup.rope.at(int(key_pos.max()) + 1)
+        out = method.fn(query, key, value, positions=where, rope=rope, scale=scaling, **options)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                  attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
+    """The compact mask our methods take: (b, kv_length) True for real keys, or None (no padding)."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+    if mask.shape[-1] < kv_length:
+        pad = mask.new_ones(mask.shape[0], kv_length - mask.shape[-1])
+        mask = torch.cat([mask, pad], dim=-1)
+    return None if bool(mask.all()) else mask
+
+
+def register() -> None:
+    """Register every method as attn_implementation ``longreach_<name>`` (idempotent)."""
+    for name in METHODS:
+        AttentionInterface.register(PREFIX + name, _attention(name))
+        AttentionMaskInterface.register(PREFIX + name, _padding_mask)
+
+
+def _backbone(model: PreTrainedModel) -> nn.Module:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"model: unsupported architecture {model_type!r}; supported are {SUPPORTED}")
+    backbone = getattr(model, "model", model)
+    if not hasattr(backbone, "rotary_emb") or not hasattr(backbone, "layers"):
+        raise ValueError(f"model: {type(model).__name__} has no rotary_emb/layers backbone to configure")
+    return backbone
+
+
+def _rope_basics(model: PreTrainedModel) -> tuple[int, float, int]:
+    config = model.config
+    params = config.rope_parameters or {}
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("model: partial rotary embeddings (partial_rotary_factor != 1) are not supported")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return head_dim, float(params.get("rope_theta", 10000.0)), int(config.max_position_embeddings)
+
+
+POSITION_OPTIONS = {
+    "linear": ("factor",),
+    "ntk": ("factor",),
+    "dynamic_ntk": ("factor", "original_max_position"),
+    "yarn": ("factor", "original_max_position", "beta_fast", "beta_slow", "attention_factor"),
+    "truncated": ("cutoff",),
+}
+
+
+def _build_rope(model: PreTrainedModel, backbone: nn.Module, position: str | None,
+                options: dict[str, Any]) -> pos.Rope | pos.DynamicRope:
+    dim, base, max_pos = _rope_basics(model)
+    if position is None:
+        rope_type = (model.config.rope_parameters or {}).get("rope_type", "default")
+        if rope_type in ("dynamic", "longrope"):
+            raise ValueError(f"model: its own rope_type {rope_type!r} is length-dependent; pass position=...")
+        setup: Setup | None = getattr(model, "_longreach", None)
+        rotary = backbone.rotary_emb if setup is None else setup.original_rotary
+        return pos.Rope(rotary.original_inv_freq.detach().float().cpu(), float(rotary.attention_scaling))
+    original = options.pop("original_max_position", max_pos)
+    pos.check_length(original, "original_max_position")
+    if position == "truncated":
+        return pos.truncated(dim, base, options.pop("cutoff", original))
+    if "factor" not in options:
+        raise ValueError(f"position {position!r} needs factor=<number > 0>")
+    factor = pos.check_factor(options.pop("factor"))
+    if position == "linear":
+        return pos.linear(dim, base, factor)
+    if position == "ntk":
+        return pos.ntk(dim, base, factor)
+    if position == "dynamic_ntk":
+        return pos.DynamicRope(dim, base, factor, original)
+    return pos.yarn(dim, base, factor, original, **options)
+
+
+def _split_options(position: str | None, method: str, options: dict[str, Any]) -> tuple[dict, dict]:
+    allowed_position = POSITION_OPTIONS.get(position, ()) if position else ()
+    rope_opts = {k: v for k, v in options.items() if k in allowed_position}
+    attn_opts = {k: v for k, v in options.items() if k not in allowed_position}
+    for key in attn_opts:
+        if key not in METHODS[method].options:
+            owners = sorted(n for n, names in POSITION_OPTIONS.items() if key in names)
+            owners += sorted(m.name for m in METHODS.values() if key in m.options)
+            hint = f"; it belongs to {owners}" if owners else ""
+            raise ValueError(f"option {key!r} is not taken by position={position!r} or attention={method!r}{hint}")
+    return rope_opts, attn_opts
+
+
+def _attention_modules(backbone: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in backbone.layers]
+
+
+def extend(model: PreTrainedModel, *, position: str | None = None, attention: str | None = None,
+           **options: Any) -> PreTrainedModel:
+    """Configure a transformers causal LM in place for long context and return it.
+
+    ``position``: a rotary scheme from :func:`position_schemes` (None keeps the model's own RoPE),
+    with ``factor=``, ``original_max_position=`` (default: the config's max_position_embeddings)
+    and the scheme's options. ``attention``: a method from :func:`attention_methods` (default
+    ``dense``) with its options. Calling ``extend`` again replaces the earlier configuration.
+    """
+    if position is not None and position not in POSITION_OPTIONS:
+        raise ValueError(f"unknown position scheme {position!r}; choose one of {sorted(POSITION_OPTIONS)} or None")
+    method = "dense" if attention is None else attention
+    get_method(method)
+    backbone = _backbone(model)
+    if getattr(model.config, "attention_dropout", 0.0):
+        raise ValueError("model: attention_dropout > 0 is not supported by longreach attention methods")
+    rope_opts, attn_opts = _split_options(position, method, options)
+    for key in TRAIN_LENGTH_OPTIONS:
+        if key in METHODS[method].options and key not in attn_opts:
+            attn_opts[key] = int(rope_opts.get("original_max_position", model.config.max_position_embeddings))
+    check_options(method, attn_opts)
+    rope = _build_rope(model, backbone, position, dict(rope_opts))
+    restore(model)
+    register()
+    setup = Setup(method, attn_opts, rope, position, backbone.rotary_emb, model.config._attn_implementation)
+    backbone.rotary_emb = UnappliedRotary(_rope_basics(model)[0])
+    for module in _attention_modules(backbone):
+        module._longreach = setup
+    model._longreach = setup
+    model.set_attn_implementation(PREFIX + method)
+    return model
+
+
+def restore(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo :func:`extend`: the model's own rotary module and attention implementation come back."""
+    setup: Setup | None = getattr(model, "_longreach", None)
+    if setup is None:
+        return model
+    backbone = _backbone(model)
+    backbone.rotary_emb = setup.original_rotary
+    for module in _attention_modules(backbone):
+        del module._longreach
+    del model._longreach
+    model.set_attn_implementation(setup.original_attn or "sdpa")
+    return model
+
+
+def describe(model: PreTrainedModel) -> dict[str, Any] | None:
+    """What extend configured on ``model`` (method, options, position scheme), or None."""
+    setup: Setup | None = getattr(model, "_longreach", None)
+    if setup is None:
+        return None
+    return {"attention": setup.method, "options": setup.options, "position": setup.position}
