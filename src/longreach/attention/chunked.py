@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..positions import Rope
-from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope
+from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope, rotate_keys
 
 
 def chunk_sizes(train_length: int, chunk_size: int | None, local_window: int | None) -> tuple[int, int]:
@@ -32,7 +32,7 @@ def _dca_logits(rope: Rope, scale: float, chunk_size: int, chunk_len: int) -> Lo
     def logits(t: Tile) -> Tensor:
         q_chunk, q_in = t.q_pos // chunk_len, t.q_pos % chunk_len
         k_chunk = t.k_pos // chunk_len
-        k = rope.rotate(t.k, t.k_pos % chunk_len)
+        k = t.k[0]
         intra = dot(rope.rotate(t.q, q_in), k, scale)
         successive = dot(rope.rotate(t.q, (q_in + chunk_len).clamp_max(chunk_size)), k, scale)
         inter = dot(rope.rotate(t.q, torch.full_like(q_in, chunk_size)), k, scale)
@@ -58,5 +58,8 @@ def dca(
     """Dual chunk attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) un-rotated -> (b, h, Lq, d)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chunk_size, local_window = chunk_sizes(train_length, chunk_size, local_window)
-    logits = _dca_logits(require_rope(rope, "dca"), scale, chunk_size, chunk_size - local_window)
-    return blocked_attention(q, k, v, positions, block_size=block_size, key_blocks=None, logits=logits)
+    rope = require_rope(rope, "dca")
+    chunk_len = chunk_size - local_window
+    keys = (rotate_keys(rope, k, positions.key % chunk_len),)
+    logits = _dca_logits(rope, scale, chunk_size, chunk_len)
+    return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=None, logits=logits)

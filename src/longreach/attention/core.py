@@ -18,7 +18,9 @@ from torch import Tensor
 from ..positions import Rope
 
 # A chunk of query blocks is sized so that its score tile stays under this many elements.
-TILE_ELEMENTS = 1 << 22
+TILE_ELEMENTS = 1 << 20
+# Keys are rotated this many positions at a time, so rotation temporaries stay small.
+ROTATE_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,17 @@ def rotate(rope: Rope | None, x: Tensor, positions: Tensor) -> Tensor:
     return x if rope is None else rope.rotate(x, positions)
 
 
+def rotate_keys(rope: Rope | None, k: Tensor, positions: Tensor) -> Tensor:
+    """Rotate k (b, h, L, d) at positions (b, L) in slices of ROTATE_CHUNK positions into one output."""
+    if rope is None:
+        return k
+    out = torch.empty_like(k)
+    for lo in range(0, k.shape[2], ROTATE_CHUNK):
+        hi = lo + ROTATE_CHUNK
+        out[:, :, lo:hi] = rope.rotate(k[:, :, lo:hi], positions[:, None, lo:hi])
+    return out
+
+
 def masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:
     """Softmax over the last dim where ``mask`` holds; rows with no visible key give zeros."""
     logits = logits.masked_fill(~mask, float("-inf"))
@@ -87,13 +100,14 @@ class Tile:
     """One chunk of query blocks and the key columns each of them reads.
 
     Rows: R query blocks of B rows; columns: C keys per query block. Shapes broadcast over
-    (batch, heads, R): ``q`` (b, h, R, B, d), ``k`` and ``v`` (b, h, R, C, d), ``q_index`` (1, 1, R, B)
+    (batch, heads, R): ``q`` (b, h, R, B, d), ``v`` (b, h, R, C, d), ``k`` a tuple of the method's key
+    variants (each (b, h, R, C, d), e.g. keys rotated under two position maps), ``q_index`` (1, 1, R, B)
     key indices of the rows, ``k_index`` (b|1, h|1, R, C) key indices of the columns (-1 for none),
     ``q_pos``/``k_pos`` their rotary positions, ``valid`` (b|1, h|1, R, B, C) which pairs may attend.
     """
 
     q: Tensor
-    k: Tensor
+    k: tuple[Tensor, ...]
     v: Tensor
     q_index: Tensor
     k_index: Tensor
@@ -115,6 +129,14 @@ def _pad_to_blocks(x: Tensor, block: int, dim: int) -> Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
+def _pad_front(x: Tensor, count: int, dim: int) -> Tensor:
+    if not count:
+        return x
+    shape = list(x.shape)
+    shape[dim] = count
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 def _gather_columns(x: Tensor, blocks: Tensor, block: int) -> Tensor:
     """x (b, h, Lk_padded, ...) and blocks (b, h, R, K) -> (b, h, R, K * block, ...); -1 reads block 0."""
     b, h, length = x.shape[:3]
@@ -128,7 +150,7 @@ def _gather_columns(x: Tensor, blocks: Tensor, block: int) -> Tensor:
 
 def blocked_attention(
     q: Tensor,
-    k: Tensor,
+    keys: tuple[Tensor, ...],
     v: Tensor,
     positions: Positions,
     *,
@@ -139,29 +161,33 @@ def blocked_attention(
 ) -> Tensor:
     """Attention of each query block over a list of key blocks, chunked to bound memory.
 
+    ``keys`` holds the method's key variants, each (b, h_kv, Lk, d): keys whose rotary position does
+    not depend on the query are rotated once, before the loop, under each position map the method
+    uses; the logits function picks among them per (query, key) pair.
     ``key_blocks`` (b, h, nq, K) lists, per query block (blocks of the key-index grid that the queries
     occupy, i.e. query index Lk - Lq + i lies in block (Lk - Lq + i) // B), the key blocks it reads,
-    -1 for unused slots; None means every key up to the chunk's last query (dense span, no gather).
+    -1 for unused slots; None means every key up to the chunk's last query (dense span, no gather;
+    then ``block_size`` only bounds the rows per chunk).
     ``logits(tile)`` returns scores (b, h, R, B, C); pairs that are not ``tile.valid`` (causal,
     listed and not padding) are masked here. ``weights(tile, scores)`` replaces the softmax
     (softplus attention). Returns (b, h, Lq, d). Memory is O(L) plus one chunk's tile.
     """
     batch, heads, q_len, dim = q.shape
-    k_len = k.shape[2]
-    group = check_shapes(q, k, v)
-    k, v = repeat_kv(k, group), repeat_kv(v, group)
+    k_len = v.shape[2]
+    group = check_shapes(q, keys[0], v)
+    keys, v = tuple(repeat_kv(k, group) for k in keys), repeat_kv(v, group)
     device = q.device
     B = block_size
+    if key_blocks is None:  # rows play no role in a dense span: take as many as fit one tile
+        B = max(1, min(block_size, TILE_ELEMENTS // (batch * heads * k_len)))
     first = k_len - q_len
     start_block, end_block = first // B, (k_len - 1) // B + 1
     n_q_blocks = end_block - start_block
     # Query rows laid on the key-index grid: row slot t of block j holds query index j*B + t.
-    q_grid = _pad_to_blocks(torch.cat([q.new_zeros(batch, heads, first - start_block * B, dim), q], 2), B, 2)
-    q_grid = q_grid.view(batch, heads, n_q_blocks, B, dim)
-    q_pos_grid = _pad_to_blocks(
-        torch.cat([positions.query.new_zeros(batch, first - start_block * B), positions.query], 1), B, 1
-    ).view(batch, 1, n_q_blocks, B)
-    k_pad, v_pad = _pad_to_blocks(k, B, 2), _pad_to_blocks(v, B, 2)
+    lead = first - start_block * B
+    q_grid = _pad_to_blocks(_pad_front(q, lead, 2), B, 2).view(batch, heads, n_q_blocks, B, dim)
+    q_pos_grid = _pad_to_blocks(_pad_front(positions.query, lead, 1), B, 1).view(batch, 1, n_q_blocks, B)
+    k_pad, v_pad = tuple(_pad_to_blocks(k, B, 2) for k in keys), _pad_to_blocks(v, B, 2)
     k_pos_pad = _pad_to_blocks(positions.key, B, 1)
     key_ok = positions.key_mask
     if key_ok is None:
@@ -180,13 +206,14 @@ def blocked_attention(
         q_index = torch.where((q_index >= first) & (q_index < k_len), q_index, -1)
         if key_blocks is None:
             span = min(k_len, (hi + start_block) * B)
-            kt, vt = k[:, :, None, :span], v[:, :, None, :span]
+            kt, vt = tuple(k[:, :, None, :span] for k in keys), v[:, :, None, :span]
             k_index = torch.arange(span, device=device).view(1, 1, 1, span)
             k_pos = positions.key[:, None, None, :span]
             ok = key_ok[:, None, None, :span]
         else:
             sel = key_blocks[:, :, lo:hi]
-            kt, vt = _gather_columns(k_pad, sel, B), _gather_columns(v_pad, sel, B)
+            kt = tuple(_gather_columns(k, sel, B) for k in k_pad)
+            vt = _gather_columns(v_pad, sel, B)
             expand = sel.shape[:3]
             k_index = _gather_columns(key_index.expand(*expand[:2], -1), sel, B)
             k_index = torch.where((sel >= 0).repeat_interleave(B, dim=-1), k_index, -1)
@@ -209,10 +236,15 @@ def dot(tile_q: Tensor, tile_k: Tensor, scale: float) -> Tensor:
     return (tile_q.to(acc) @ tile_k.to(acc).transpose(-1, -2)) * scale
 
 
+def rotated_keys(rope: Rope | None, k: Tensor, positions: Positions) -> tuple[Tensor]:
+    """The single key variant of methods that keep every key at its own position."""
+    return (rotate_keys(rope, k, positions.key),)
+
+
 def plain_logits(rope: Rope | None, scale: float) -> Logits:
-    """Scores with each query and key rotated at its own position."""
+    """Scores of queries rotated at their own positions against the keys of :func:`rotated_keys`."""
 
     def logits(t: Tile) -> Tensor:
-        return dot(rotate(rope, t.q, t.q_pos), rotate(rope, t.k, t.k_pos), scale)
+        return dot(rotate(rope, t.q, t.q_pos), t.k[0], scale)
 
     return logits

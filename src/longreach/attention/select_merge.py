@@ -24,7 +24,17 @@ import torch
 from torch import Tensor
 
 from ..positions import Rope
-from .core import Logits, Positions, Tile, blocked_attention, check_shapes, dot, plain_logits, require_rope
+from .core import (
+    Logits,
+    Positions,
+    Tile,
+    blocked_attention,
+    check_shapes,
+    dot,
+    plain_logits,
+    require_rope,
+    rotated_keys,
+)
 
 
 def block_means(x: Tensor, block: int, first: int = 0) -> Tensor:
@@ -34,10 +44,11 @@ def block_means(x: Tensor, block: int, first: int = 0) -> Tensor:
     average the rows they hold.
     """
     b, h, length, d = x.shape
-    lead = first % block
-    padded = torch.cat([x.new_zeros(b, h, lead, d), x, x.new_zeros(b, h, -(lead + length) % block, d)], 2)
-    sums = padded.to(torch.promote_types(x.dtype, torch.float32)).view(b, h, -1, block, d).sum(3)
-    counts = torch.zeros(padded.shape[2], device=x.device, dtype=sums.dtype)
+    lead, tail = first % block, -(first + length) % block
+    acc = torch.promote_types(x.dtype, torch.float32)
+    padded = x if not (lead or tail) else torch.cat([x.new_zeros(b, h, lead, d), x, x.new_zeros(b, h, tail, d)], 2)
+    sums = padded.view(b, h, -1, block, d).sum(3, dtype=acc)
+    counts = torch.zeros(lead + length + tail, device=x.device, dtype=acc)
     counts[lead : lead + length] = 1
     return sums / counts.view(-1, block).sum(1).clamp_min(1)[:, None]
 
@@ -78,7 +89,7 @@ def _selected_logits(rope: Rope, scale: float) -> Logits:
         k_pos = present.cumsum(-1) - 1
         own = (t.k_index[..., None, :] == t.q_index[..., None]).long()
         q_pos = (own * k_pos[..., None, :]).sum(-1)
-        return dot(rope.rotate(t.q, q_pos), rope.rotate(t.k, k_pos), scale)
+        return dot(rope.rotate(t.q, q_pos), rope.rotate(t.k[0], k_pos), scale)
 
     return logits
 
@@ -101,7 +112,7 @@ def select_merge(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink)
     if position_mode == "selected":
-        logits = _selected_logits(require_rope(rope, "select_merge"), scale)
+        keys, logits = (k,), _selected_logits(require_rope(rope, "select_merge"), scale)
     else:
-        logits = plain_logits(rope, scale)
-    return blocked_attention(q, k, v, positions, block_size=block_size, key_blocks=blocks, logits=logits)
+        keys, logits = rotated_keys(rope, k, positions), plain_logits(rope, scale)
+    return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=blocks, logits=logits)

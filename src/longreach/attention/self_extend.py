@@ -14,17 +14,13 @@ import torch
 from torch import Tensor
 
 from ..positions import Rope
-from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope
+from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope, rotate_keys
 
 
 def _self_extend_logits(rope: Rope, scale: float, group: int, window: int) -> Logits:
     def logits(t: Tile) -> Tensor:
-        near = dot(rope.rotate(t.q, t.q_pos), rope.rotate(t.k, t.k_pos), scale)
-        far = dot(
-            rope.rotate(t.q, t.q_pos // group + window - window // group),
-            rope.rotate(t.k, t.k_pos // group),
-            scale,
-        )
+        near = dot(rope.rotate(t.q, t.q_pos), t.k[0], scale)
+        far = dot(rope.rotate(t.q, t.q_pos // group + window - window // group), t.k[1], scale)
         return torch.where(t.q_pos[..., None] - t.k_pos[..., None, :] < window, near, far)
 
     return logits
@@ -46,5 +42,7 @@ def self_extend(
     """Self-Extend. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) un-rotated -> (b, h, Lq, d)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     window = train_length // 4 if window is None else window
-    logits = _self_extend_logits(require_rope(rope, "self_extend"), scale, group_size, window)
-    return blocked_attention(q, k, v, positions, block_size=block_size, key_blocks=None, logits=logits)
+    rope = require_rope(rope, "self_extend")
+    keys = (rotate_keys(rope, k, positions.key), rotate_keys(rope, k, positions.key // group_size))
+    logits = _self_extend_logits(rope, scale, group_size, window)
+    return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=None, logits=logits)

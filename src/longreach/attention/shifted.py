@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..positions import Rope
-from .core import Logits, Positions, Tile, blocked_attention, dot, rotate
+from .core import Logits, Positions, Tile, blocked_attention, dot, rotate, rotated_keys
 
 
 def group_size_for(k_len: int, group_size: int | None) -> int:
@@ -54,7 +54,7 @@ def _group_logits(rope: Rope | None, scale: float, group: int, shifts: Tensor, s
         s = shifts.view(1, -1, 1, 1, 1)
         same = (t.q_index[..., None] + s) // group == (t.k_index[..., None, :] + s) // group
         allowed = same | (t.k_index[..., None, :] < sink)
-        scores = dot(rotate(rope, t.q, t.q_pos), rotate(rope, t.k, t.k_pos), scale)
+        scores = dot(rotate(rope, t.q, t.q_pos), t.k[0], scale)
         return scores.masked_fill(~allowed, float("-inf"))
 
     return logits
@@ -70,7 +70,8 @@ def _shifted(q: Tensor, k: Tensor, v: Tensor, positions: Positions, rope: Rope |
     shifts = head_shifts(heads, group, shift, q.device)
     table = _shifted_tables(batch, heads, q_len, k_len, block, group, shifts, sink)
     logits = _group_logits(rope, scale, group, shifts, sink)
-    return blocked_attention(q, k, v, positions, block_size=block, key_blocks=table, logits=logits)
+    keys = rotated_keys(rope, k, positions)
+    return blocked_attention(q, keys, v, positions, block_size=block, key_blocks=table, logits=logits)
 
 
 def s2(

@@ -2,8 +2,9 @@
 
 Query index i attends to the first ``sink`` keys and to keys j with i - j < ``window``. Positions
 are re-indexed as in a rolling cache of sink + window slots: window keys keep their true
-distance i - j, and a sink key j is seen from position min(i, sink + window - 1), i.e. as if the
-evicted middle were not there. With window >= length this is dense attention.
+distance, and a sink key (at its own position p_j) is seen from query position
+min(p_i, sink + window - 1), as if the evicted middle were not there. With window >= length this
+is dense attention.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..positions import Rope
-from .core import Logits, Positions, Tile, blocked_attention, dot, rotate
+from .core import Logits, Positions, Tile, blocked_attention, dot, rotate, rotated_keys
 
 
 def sink_window_tables(batch: int, heads: int, q_len: int, k_len: int, block: int, sink: int,
@@ -32,15 +33,11 @@ def sink_window_tables(batch: int, heads: int, q_len: int, k_len: int, block: in
 
 def _sink_logits(rope: Rope | None, scale: float, sink: int, window: int) -> Logits:
     def logits(t: Tile) -> Tensor:
-        k = rotate(rope, t.k, t.k_pos)
-        recent = dot(rotate(rope, t.q, t.q_pos), k, scale)
-        distance = t.q_index[..., None] - t.k_index[..., None, :]
-        in_window = distance < window
-        if rope is None:
-            scores = recent
-        else:
-            sink_pos = t.q_pos.clamp_max(sink + window - 1)
-            far = dot(rope.rotate(t.q, sink_pos), rotate(rope, t.k, t.k_index.clamp_min(0)), scale)
+        recent = dot(rotate(rope, t.q, t.q_pos), t.k[0], scale)
+        in_window = t.q_index[..., None] - t.k_index[..., None, :] < window
+        scores = recent
+        if rope is not None:
+            far = dot(rope.rotate(t.q, t.q_pos.clamp_max(sink + window - 1)), t.k[0], scale)
             scores = torch.where(in_window, recent, far)
         return scores.masked_fill(~(in_window | (t.k_index[..., None, :] < sink)), float("-inf"))
 
@@ -64,4 +61,5 @@ def sinks(
     batch, heads, q_len, _ = q.shape
     table = sink_window_tables(batch, heads, q_len, k.shape[2], block_size, sink, window, q.device)
     logits = _sink_logits(rope, scale, sink, window)
-    return blocked_attention(q, k, v, positions, block_size=block_size, key_blocks=table, logits=logits)
+    keys = rotated_keys(rope, k, positions)
+    return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=table, logits=logits)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..positions import Rope
-from .core import Positions, Tile, blocked_attention, plain_logits
+from .core import Positions, Tile, blocked_attention, plain_logits, rotated_keys
 
 
 def softplus_weights(scores: Tensor, valid: Tensor, train_length: int, power: float) -> Tensor:
@@ -51,6 +51,7 @@ def softplus(
     def weights(t: Tile, scores: Tensor) -> Tensor:
         return softplus_weights(scores, t.valid, train_length, power)
 
+    keys = rotated_keys(rope, k, positions)
     return blocked_attention(
-        q, k, v, positions, block_size=block_size, key_blocks=None, logits=plain_logits(rope, scale), weights=weights
+        q, keys, v, positions, block_size=block_size, key_blocks=None, logits=plain_logits(rope, scale), weights=weights
     )

@@ -1,0 +1,193 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import statements as ref  # noqa: I001
+from longreach.attention import METHODS, check_options
+from longreach.attention.core import Positions
+from longreach.positions import Rope, default, yarn
+
+TOL = dict(atol=1e-5, rtol=0)
+SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
+
+
+@st.composite
+def shapes(draw, max_len=300):
+    batch = draw(st.integers(1, 2))
+    kv_heads = draw(st.sampled_from([1, 2]))
+    ratio = draw(st.sampled_from([1, 2, 4]))
+    heads = kv_heads * ratio
+    k_len = draw(st.integers(1, max_len))
+    q_len = draw(st.sampled_from([k_len, 1, max(1, k_len // 3)]))
+    dim = draw(st.sampled_from([16, 64]))
+    return batch, heads, kv_heads, q_len, k_len, dim
+
+
+def tensors(shape, dtype=torch.float32, requires_grad=False):
+    b, h, hk, lq, lk, d = shape
+    make = lambda *s: torch.randn(*s, dtype=dtype, requires_grad=requires_grad)  # noqa: E731
+    return make(b, h, lq, d), make(b, hk, lk, d), make(b, hk, lk, d)
+
+
+def run(name, q, k, v, rope, **opts):
+    pos = Positions.contiguous(q.shape[0], q.shape[2], k.shape[2])
+    return METHODS[name].fn(q, k, v, positions=pos, rope=rope, **opts)
+
+
+def rope_for(dim):
+    return default(dim, 10000.0)
+
+
+@SETTINGS
+@given(shapes(), st.sampled_from([8, 16, 32]), st.integers(0, 3), st.integers(0, 2), st.integers(0, 2),
+       st.sampled_from(["selected", "absolute"]))
+def test_select_merge_statement(shape, block, top_k, local, sink, mode):
+    q, k, v = tensors(shape)
+    rope = rope_for(q.shape[-1])
+    opts = dict(block_size=block, top_k=top_k, local=local, sink=sink, position_mode=mode)
+    out = run("select_merge", q, k, v, rope, **opts)
+    expected = ref.select_merge(q, k, v, rope, q.shape[-1] ** -0.5, block, top_k, local, sink, mode)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@SETTINGS
+@given(shapes(), st.integers(2, 80), st.booleans(), st.integers(0, 6), st.sampled_from(["s2", "sf"]))
+def test_s2_sf_statement(shape, group, shift, sink, name):
+    q, k, v = tensors(shape)
+    rope = rope_for(q.shape[-1])
+    opts = dict(group_size=group, shift=shift, block_size=16)
+    if name == "sf":
+        opts["sink"] = sink
+    out = run(name, q, k, v, rope, **opts)
+    expected = ref.s2_sf(q, k, v, rope, q.shape[-1] ** -0.5, group, shift, sink if name == "sf" else 0)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@SETTINGS
+@given(shapes(), st.integers(8, 120), st.integers(0, 7))
+def test_dca_statement(shape, chunk_size, local_window):
+    q, k, v = tensors(shape)
+    rope = rope_for(q.shape[-1])
+    out = run("dca", q, k, v, rope, chunk_size=chunk_size, local_window=local_window, block_size=32)
+    expected = ref.dca(q, k, v, rope, q.shape[-1] ** -0.5, chunk_size, local_window)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@SETTINGS
+@given(shapes(), st.integers(1, 8), st.integers(1, 100))
+def test_self_extend_statement(shape, group, window):
+    q, k, v = tensors(shape)
+    rope = rope_for(q.shape[-1])
+    out = run("self_extend", q, k, v, rope, group_size=group, window=window, block_size=32)
+    expected = ref.self_extend(q, k, v, rope, q.shape[-1] ** -0.5, group, window)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@SETTINGS
+@given(shapes(), st.integers(0, 8), st.integers(1, 100), st.sampled_from([16, 64]))
+def test_sinks_statement(shape, sink, window, block):
+    q, k, v = tensors(shape)
+    rope = rope_for(q.shape[-1])
+    out = run("sinks", q, k, v, rope, sink=sink, window=window, block_size=block)
+    expected = ref.sinks(q, k, v, rope, q.shape[-1] ** -0.5, sink, window)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@SETTINGS
+@given(shapes(), st.sampled_from([64, 256]), st.sampled_from([1.0, 2.0, 3.0]))
+def test_softplus_statement(shape, train_length, power):
+    q, k, v = tensors(shape)
+    rope = rope_for(q.shape[-1])
+    out = run("softplus", q, k, v, rope, train_length=train_length, power=power, block_size=32)
+    expected = ref.softplus(q, k, v, rope, q.shape[-1] ** -0.5, train_length, power)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@SETTINGS
+@given(shapes())
+def test_dense_statement(shape):
+    q, k, v = tensors(shape)
+    rope = yarn(q.shape[-1], 10000.0, 4.0, 64)
+    torch.testing.assert_close(run("dense", q, k, v, rope), ref.dense(q, k, v, rope, q.shape[-1] ** -0.5), **TOL)
+
+
+DEGENERATE = {
+    "select_merge": [dict(top_k=19, block_size=16), dict(top_k=19, block_size=16, position_mode="absolute")],
+    "s2": [dict(group_size=300, shift=False)],
+    "sf": [dict(group_size=300, shift=False, sink=4)],
+    "dca": [dict(chunk_size=300, local_window=0), dict(chunk_size=310, local_window=10)],
+    "self_extend": [dict(window=300, group_size=4)],
+    "sinks": [dict(window=300, sink=4)],
+}
+
+
+@pytest.mark.parametrize("name,opts", [(n, o) for n, os in DEGENERATE.items() for o in os])
+@pytest.mark.parametrize("lengths", [(300, 300), (1, 300), (77, 150)])
+def test_degenerate_settings_equal_dense(name, opts, lengths):
+    q, k, v = tensors((2, 4, 2, *lengths, 64))
+    rope = rope_for(64)
+    torch.testing.assert_close(run(name, q, k, v, rope, **opts), run("dense", q, k, v, rope), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if n != "dense"])
+def test_decode_rows_follow_method(name):
+    """The last Lq queries alone (decoding) attend as rows of the full prefill prescribe."""
+    q, k, v = tensors((1, 4, 2, 200, 200, 16))
+    rope = rope_for(16)
+    opts = {"select_merge": dict(block_size=16, top_k=2), "s2": dict(group_size=40), "sf": dict(group_size=40),
+            "dca": dict(chunk_size=60, local_window=8), "self_extend": dict(window=30, group_size=4),
+            "sinks": dict(window=30), "softplus": dict(train_length=64)}[name]
+    full = run(name, q, k, v, rope, **opts)
+    if name == "select_merge":  # its block mean covers the rows present, so pass the whole last block
+        torch.testing.assert_close(run(name, q[:, :, 192:], k, v, rope, **opts), full[:, :, 192:], **TOL)
+        return
+    for rows in (1, 5):
+        torch.testing.assert_close(run(name, q[:, :, -rows:], k, v, rope, **opts), full[:, :, -rows:], **TOL)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_gradients(name):
+    q, k, v = tensors((1, 2, 1, 9, 9, 4), dtype=torch.float64, requires_grad=True)
+    rope = Rope(torch.tensor([1.0, 0.1], dtype=torch.float64))
+    opts = {"dense": {}, "select_merge": dict(block_size=2, top_k=1, local=0, sink=1),
+            "s2": dict(group_size=4, block_size=2), "sf": dict(group_size=4, sink=1, block_size=2),
+            "dca": dict(chunk_size=5, local_window=1, block_size=2), "self_extend": dict(window=3, group_size=2),
+            "sinks": dict(window=3, sink=1, block_size=2), "softplus": dict(train_length=8)}[name]
+    assert torch.autograd.gradcheck(lambda a, b, c: run(name, a, b, c, rope, **opts), (q, k, v))
+
+
+def test_bfloat16_runs_close_to_float32():
+    q, k, v = tensors((1, 4, 2, 100, 100, 64))
+    rope = rope_for(64)
+    for name in METHODS:
+        full = run(name, q, k, v, rope)
+        half = run(name, q.bfloat16(), k.bfloat16(), v.bfloat16(), rope)
+        assert half.dtype == torch.bfloat16
+        assert (half.float() - full).abs().max() < 0.05, name
+
+
+def test_position_remapping_methods_need_rope():
+    q, k, v = tensors((1, 2, 2, 10, 10, 16))
+    for name in ("dca", "self_extend"):
+        with pytest.raises(ValueError, match="needs un-rotated q and k"):
+            run(name, q, k, v, None)
+
+
+@pytest.mark.parametrize("name,opts,match", [
+    ("select_merge", {"top_k": -1}, "'top_k' must be >= 0"),
+    ("select_merge", {"block_size": 2.5}, "'block_size' must be a int"),
+    ("s2", {"group_size": 1}, "'group_size' must be >= 2"),
+    ("sinks", {"window": True}, "'window' must be a int"),
+    ("softplus", {"power": 0.5}, "'power' must be >= 1"),
+    ("dca", {"chunk": 5}, "takes no option 'chunk'"),
+])
+def test_bad_options(name, opts, match):
+    with pytest.raises(ValueError, match=match):
+        check_options(name, opts)
+
+
+def test_shape_errors():
+    q, k, v = tensors((1, 3, 2, 10, 10, 16))
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        run("sinks", q, k, v, None)
