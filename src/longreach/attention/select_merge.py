@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..positions import Rope
 from .core import (
     Logits,
@@ -56,30 +57,36 @@ def block_means(x: Tensor, block: int, first: int = 0) -> Tensor:
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int) -> Tensor:
     """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending, shared per kv group.
 
-    q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = top_k + local + sink + 1.
+    q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. The
+    correlation scores are formed for a bounded number of query blocks at a time, so memory stays
+    O(L) plus one (chunk x L/B) score tile per kv head.
     """
     group = check_shapes(q, k, k)
     b, h, q_len, d = q.shape
-    k_len = k.shape[2]
-    first = k_len - q_len
+    first = k.shape[2] - q_len
     q_means = block_means(q, block_size, first).view(b, k.shape[1], group, -1, d).mean(2)
     k_means = block_means(k, block_size)
     n_q, n_k = q_means.shape[2], k_means.shape[2]
-    q_block = torch.arange(first // block_size, first // block_size + n_q, device=q.device)[:, None]
-    key_block = torch.arange(n_k, device=q.device)[None, :]
-    forced = (key_block < sink) | ((key_block <= q_block) & (key_block >= q_block - local))
-    candidate = (key_block <= q_block) & ~forced
-    scores = (q_means @ k_means.transpose(-1, -2)) / d**0.5
-    scores = scores.masked_fill(~candidate, float("-inf"))
-    picked = torch.zeros_like(candidate).expand_as(scores).clone()
-    if top_k > 0 and n_k > 0:
-        best = scores.topk(min(top_k, n_k), dim=-1)
-        picked.scatter_(-1, best.indices, torch.isfinite(best.values))
-    keep = (picked | (forced & (key_block <= q_block))).repeat_interleave(group, dim=1)
-    width = min(top_k + local + sink + 1, n_k)
-    # Sort kept block ids ascending; unkept slots sort last and become -1.
-    order = torch.where(keep, key_block, n_k).sort(dim=-1).values[..., :width]
-    return torch.where(order < n_k, order, -1)
+    device = q.device
+    q_block = torch.arange(first // block_size, first // block_size + n_q, device=device)[:, None]
+    sinks = torch.arange(sink, device=device).expand(n_q, sink)
+    sinks = torch.where(sinks <= q_block, sinks, n_k)
+    near = q_block - torch.arange(local, -1, -1, device=device)
+    near = torch.where((near >= sink) & (near >= 0), near, n_k)
+    picked = torch.full((b, k.shape[1], n_q, top_k), n_k, dtype=torch.long, device=device)
+    take = min(top_k, n_k)
+    rows = max(1, (1 << 22) // max(1, b * k.shape[1] * n_k))
+    key_block = torch.arange(n_k, device=device)
+    for lo in range(0, n_q if take else 0, rows):
+        qb = q_block[lo : lo + rows]
+        candidate = (key_block >= sink) & (key_block < qb - local)
+        scores = (q_means[:, :, lo : lo + rows] @ k_means.transpose(-1, -2)) / d**0.5
+        best = scores.masked_fill(~candidate, float("-inf")).topk(take, dim=-1)
+        picked[:, :, lo : lo + rows, :take] = torch.where(torch.isfinite(best.values), best.indices, n_k)
+    forced = torch.cat([sinks, near], dim=-1).expand(b, k.shape[1], n_q, -1)
+    table = torch.cat([forced, picked], dim=-1).sort(dim=-1).values
+    table = torch.where(table < n_k, table, -1)
+    return table.repeat_interleave(group, dim=1)
 
 
 def _selected_logits(rope: Rope, scale: float) -> Logits:
@@ -111,6 +118,11 @@ def select_merge(
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink)
+    if position_mode == "selected":
+        rope = require_rope(rope, "select_merge")
+    if kernels.use_kernel(q, positions, block_size):
+        return kernels.sparse_attention(q, k, v, blocks, positions=positions, rope=rope, block_size=block_size,
+                                    scale=scale, merged_positions=position_mode == "selected")
     if position_mode == "selected":
         keys, logits = (k,), _selected_logits(require_rope(rope, "select_merge"), scale)
     else:

@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..positions import Rope
 from .core import Logits, Positions, Tile, blocked_attention, dot, rotate, rotated_keys
 
@@ -69,6 +70,10 @@ def _shifted(q: Tensor, k: Tensor, v: Tensor, positions: Positions, rope: Rope |
     block = min(block_size, group)
     shifts = head_shifts(heads, group, shift, q.device)
     table = _shifted_tables(batch, heads, q_len, k_len, block, group, shifts, sink)
+    if kernels.use_kernel(q, positions, block):
+        rule = dict(sink=sink, group=group, shift=group // 2 if shift else 0)
+        return kernels.sparse_attention(q, k, v, table, positions=positions, rope=rope, block_size=block, scale=scale,
+                                    **rule)
     logits = _group_logits(rope, scale, group, shifts, sink)
     keys = rotated_keys(rope, k, positions)
     return blocked_attention(q, keys, v, positions, block_size=block, key_blocks=table, logits=logits)

@@ -1,0 +1,47 @@
+"""Triton kernels; each is a drop-in for a reference in :mod:`longreach.attention` and tested against it.
+
+Methods take the kernel path on CUDA tensors when Triton is importable; elsewhere they keep their
+PyTorch reference (CI runs the kernels on the CPU through TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from ..attention.core import Positions
+from ..positions import Rope
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HEAD_DIMS = (32, 64, 128)
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def supports(q: Tensor, block_size: int) -> bool:
+    """Whether the block-sparse kernel covers this head size, block size and dtype."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    return q.shape[-1] in HEAD_DIMS and block_size in BLOCK_SIZES and q.dtype in dtypes
+
+
+def use_kernel(q: Tensor, positions: Positions, block_size: int) -> bool:
+    """Kernel path for CUDA tensors the kernel covers, without key padding (the kernel has no key
+    mask), unless LONGREACH_REFERENCE=1 asks for the reference."""
+    return (HAS_TRITON and q.is_cuda and positions.key_mask is None and supports(q, block_size)
+            and os.environ.get("LONGREACH_REFERENCE") != "1")
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, *, positions: Positions, rope: Rope | None,
+                 block_size: int, scale: float, merged_positions: bool = False, **rule: int) -> Tensor:
+    """Run the kernel for a method's block table: rotary at merged positions inside the kernel, or
+    q and k rotated here at their own positions."""
+    from .block_sparse import block_sparse_attention
+
+    if merged_positions:
+        return block_sparse_attention(q, k, v, table, block_size=block_size, scale=scale, inv_freq=rope.inv_freq,
+                                      rotary_scaling=rope.scaling, **rule)
+    if rope is not None:
+        q, k = rope.rotate(q, positions.query[:, None]), rope.rotate(k, positions.key[:, None])
+    return block_sparse_attention(q, k, v, table, block_size=block_size, scale=scale, **rule)

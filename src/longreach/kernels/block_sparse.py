@@ -1,0 +1,384 @@
+"""Block-sparse flash attention in Triton: forward and backward over per-query-block key-block lists.
+
+Layout and conventions follow :func:`longreach.attention.core.blocked_attention`, whose output this
+kernel reproduces: q (b, h, Lq, d) are the last Lq of Lk key positions; ``table`` (b, h, nq, K)
+lists, per query block of the key-index grid, the key blocks it reads in ascending order, -1
+padded, with the query block's own (diagonal) block last; ``count`` (b, h, nq) how many are used.
+Per (query, key) pair the kernel masks: causal and in range always; with ``window``/``group``/
+``sink`` set, also token rules (sinks + window; S2 groups with ``shift`` for heads >= H // 2).
+With ``rotary`` the kernel rotates q and k itself at merged positions (select-and-merge's
+positions on selected tokens): the key at slot s, offset t gets s * B + t and the query its own
+slot's position. Structure after the Triton fused-attention tutorial (online softmax in base 2,
+no L x L tensor); the backward recomputes probabilities from the saved log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import BLOCK_SIZES, HEAD_DIMS, supports
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rotate(x1, x2, cos, sin, INVERSE: tl.constexpr):
+    # Half-split rotary: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s); the inverse turns by -theta.
+    if INVERSE:
+        return x1 * cos + x2 * sin, x2 * cos - x1 * sin
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.constexpr):
+    ok = (k_idx[None, :] <= q_idx[:, None]) & (k_idx[None, :] < Lk)
+    if TOKEN_MASK:
+        rule = tl.full(ok.shape, True, tl.int1)
+        if WINDOW > 0:
+            rule = rule & (q_idx[:, None] - k_idx[None, :] < WINDOW)
+        if GROUP > 0:
+            s = tl.where(h >= H // 2, SHIFT, 0)
+            rule = rule & ((q_idx[:, None] + s) // GROUP == (k_idx[None, :] + s) // GROUP)
+        ok = ok & (rule | (k_idx[None, :] < SINK))
+    return ok
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, LSE, TABLE, COUNT, COS, SIN,
+    sqb, sqh, sqm, skb, skh, skn, sob, soh, som,
+    stb, sth, stm, scb, sch,
+    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, qk_scale,
+    SINK, WINDOW, GROUP, SHIFT,
+    BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
+):
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP_HEADS
+    t = tl.arange(0, BLOCK)
+    dh = tl.arange(0, HALF)
+    q_idx = (START_BLOCK + m) * BLOCK + t
+    q_row = q_idx - FIRST
+    q_ok = (q_row >= 0) & (q_idx < Lk)
+    q_ptr = Q + b * sqb + h * sqh + q_row[:, None] * sqm
+    q1 = tl.load(q_ptr + dh[None, :], mask=q_ok[:, None], other=0.0)
+    q2 = tl.load(q_ptr + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
+    n = tl.load(COUNT + b * scb + h * sch + m)
+    if ROTARY:
+        qp = tl.maximum(n - 1, 0) * BLOCK + t
+        c = tl.load(COS + qp[:, None] * HALF + dh[None, :])
+        s = tl.load(SIN + qp[:, None] * HALF + dh[None, :])
+        q1, q2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), c, s, False)
+        q1, q2 = q1.to(Q.dtype.element_ty), q2.to(Q.dtype.element_ty)
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc1 = tl.zeros([BLOCK, HALF], tl.float32)
+    acc2 = tl.zeros([BLOCK, HALF], tl.float32)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * skb + hk * skh
+    table = TABLE + b * stb + h * sth + m * stm
+    for slot in range(0, n):
+        blk = tl.load(table + slot)
+        k_idx = blk * BLOCK + t
+        k_in = k_idx < Lk
+        kp = k_base + k_idx[:, None] * skn
+        k1 = tl.load(kp + dh[None, :], mask=k_in[:, None], other=0.0)
+        k2 = tl.load(kp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+        if ROTARY:
+            pos = slot * BLOCK + t
+            c = tl.load(COS + pos[:, None] * HALF + dh[None, :])
+            s = tl.load(SIN + pos[:, None] * HALF + dh[None, :])
+            k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
+            k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)
+        qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        qk = qk * qk_scale
+        if TOKEN_MASK or slot == n - 1:
+            ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
+            qk = tl.where(ok, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vp = v_base + k_idx[:, None] * skn
+        v1 = tl.load(vp + dh[None, :], mask=k_in[:, None], other=0.0)
+        v2 = tl.load(vp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+        p = p.to(V.dtype.element_ty)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p, v2)
+        m_i = m_new
+    empty = l_i == 0.0
+    denom = tl.where(empty, 1.0, l_i)
+    o_ptr = Out + b * sob + h * soh + q_row[:, None] * som
+    tl.store(o_ptr + dh[None, :], (acc1 / denom[:, None]).to(Out.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(o_ptr + HALF + dh[None, :], (acc2 / denom[:, None]).to(Out.dtype.element_ty), mask=q_ok[:, None])
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(denom))
+    tl.store(LSE + bh * Lq + q_row, lse, mask=q_ok)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, TABLE, COUNT, COS, SIN,
+    sqb, sqh, sqm, skb, skh, skn,
+    stb, sth, stm, scb, sch,
+    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, qk_scale, sm_scale,
+    SINK, WINDOW, GROUP, SHIFT,
+    BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
+):
+    m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // GROUP_HEADS
+    t = tl.arange(0, BLOCK)
+    dh = tl.arange(0, HALF)
+    q_idx = (START_BLOCK + m) * BLOCK + t
+    q_row = q_idx - FIRST
+    q_ok = (q_row >= 0) & (q_idx < Lk)
+    off = b * sqb + h * sqh + q_row[:, None] * sqm
+    q1 = tl.load(Q + off + dh[None, :], mask=q_ok[:, None], other=0.0)
+    q2 = tl.load(Q + off + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
+    do1 = tl.load(DO + off + dh[None, :], mask=q_ok[:, None], other=0.0)
+    do2 = tl.load(DO + off + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
+    lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
+    n = tl.load(COUNT + b * scb + h * sch + m)
+    if ROTARY:
+        qp = tl.maximum(n - 1, 0) * BLOCK + t
+        qc = tl.load(COS + qp[:, None] * HALF + dh[None, :])
+        qs = tl.load(SIN + qp[:, None] * HALF + dh[None, :])
+        q1, q2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), qc, qs, False)
+        q1, q2 = q1.to(Q.dtype.element_ty), q2.to(Q.dtype.element_ty)
+    dq1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dq2 = tl.zeros([BLOCK, HALF], tl.float32)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * skb + hk * skh
+    table = TABLE + b * stb + h * sth + m * stm
+    for slot in range(0, n):
+        blk = tl.load(table + slot)
+        k_idx = blk * BLOCK + t
+        k_in = k_idx < Lk
+        kp = k_base + k_idx[:, None] * skn
+        k1 = tl.load(kp + dh[None, :], mask=k_in[:, None], other=0.0)
+        k2 = tl.load(kp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+        if ROTARY:
+            pos = slot * BLOCK + t
+            c = tl.load(COS + pos[:, None] * HALF + dh[None, :])
+            s = tl.load(SIN + pos[:, None] * HALF + dh[None, :])
+            k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
+            k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)
+        qk = (tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))) * qk_scale
+        if TOKEN_MASK or slot == n - 1:
+            ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
+            qk = tl.where(ok, qk, float("-inf"))
+        p = tl.math.exp2(qk - lse[:, None])
+        vp = v_base + k_idx[:, None] * skn
+        v1 = tl.load(vp + dh[None, :], mask=k_in[:, None], other=0.0)
+        v2 = tl.load(vp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+        dp = tl.dot(do1, tl.trans(v1)) + tl.dot(do2, tl.trans(v2))
+        ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+        dq1 += tl.dot(ds, k1)
+        dq2 += tl.dot(ds, k2)
+    if ROTARY:
+        dq1, dq2 = _rotate(dq1, dq2, qc, qs, True)
+    tl.store(DQ + off + dh[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(DQ + off + HALF + dh[None, :], (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+
+
+@triton.jit
+def _dkv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN,
+    sqb, sqh, sqm, skb, skh, skn, scb, sch,
+    H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NK, qk_scale, sm_scale,
+    SINK, WINDOW, GROUP, SHIFT,
+    BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
+):
+    j = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // HKV
+    hk = bhk % HKV
+    t = tl.arange(0, BLOCK)
+    dh = tl.arange(0, HALF)
+    k_idx = j * BLOCK + t
+    k_in = k_idx < Lk
+    koff = b * skb + hk * skh + k_idx[:, None] * skn
+    k1 = tl.load(K + koff + dh[None, :], mask=k_in[:, None], other=0.0)
+    k2 = tl.load(K + koff + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+    v1 = tl.load(V + koff + dh[None, :], mask=k_in[:, None], other=0.0)
+    v2 = tl.load(V + koff + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+    dk1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dk2 = tl.zeros([BLOCK, HALF], tl.float32)
+    dv1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dv2 = tl.zeros([BLOCK, HALF], tl.float32)
+    for g in range(0, GROUP_HEADS):
+        h = hk * GROUP_HEADS + g
+        bh = b * H + h
+        lo = tl.load(CSR_OFF + bh * NK + j)
+        hi = tl.load(CSR_OFF + bh * NK + j + 1)
+        for e in range(lo, hi):
+            m = tl.load(CSR_M + e)
+            q_idx = (START_BLOCK + m) * BLOCK + t
+            q_row = q_idx - FIRST
+            q_ok = (q_row >= 0) & (q_idx < Lk)
+            off = b * sqb + h * sqh + q_row[:, None] * sqm
+            q1 = tl.load(Q + off + dh[None, :], mask=q_ok[:, None], other=0.0)
+            q2 = tl.load(Q + off + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
+            do1 = tl.load(DO + off + dh[None, :], mask=q_ok[:, None], other=0.0)
+            do2 = tl.load(DO + off + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
+            lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
+            delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
+            kk1 = k1
+            kk2 = k2
+            if ROTARY:
+                n = tl.load(COUNT + b * scb + h * sch + m)
+                qp = (n - 1) * BLOCK + t
+                c = tl.load(COS + qp[:, None] * HALF + dh[None, :])
+                s = tl.load(SIN + qp[:, None] * HALF + dh[None, :])
+                q1, q2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), c, s, False)
+                q1, q2 = q1.to(Q.dtype.element_ty), q2.to(Q.dtype.element_ty)
+                pos = tl.load(CSR_SLOT + e) * BLOCK + t
+                kc = tl.load(COS + pos[:, None] * HALF + dh[None, :])
+                ks = tl.load(SIN + pos[:, None] * HALF + dh[None, :])
+                kk1, kk2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), kc, ks, False)
+                kk1, kk2 = kk1.to(K.dtype.element_ty), kk2.to(K.dtype.element_ty)
+            # Transposed scores: rows are keys, columns queries.
+            qkT = (tl.dot(kk1, tl.trans(q1)) + tl.dot(kk2, tl.trans(q2))) * qk_scale
+            okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
+            pT = tl.where(okT, tl.math.exp2(qkT - lse[None, :]), 0.0)
+            dv1 += tl.dot(pT.to(DO.dtype.element_ty), do1)
+            dv2 += tl.dot(pT.to(DO.dtype.element_ty), do2)
+            dpT = tl.dot(v1, tl.trans(do1)) + tl.dot(v2, tl.trans(do2))
+            dsT = (pT * (dpT - delta[None, :])).to(Q.dtype.element_ty)
+            g1 = tl.dot(dsT, q1)
+            g2 = tl.dot(dsT, q2)
+            if ROTARY:
+                g1, g2 = _rotate(g1, g2, kc, ks, True)
+            dk1 += g1
+            dk2 += g2
+    tl.store(DK + koff + dh[None, :], (dk1 * sm_scale).to(DK.dtype.element_ty), mask=k_in[:, None])
+    tl.store(DK + koff + HALF + dh[None, :], (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_in[:, None])
+    tl.store(DV + koff + dh[None, :], dv1.to(DV.dtype.element_ty), mask=k_in[:, None])
+    tl.store(DV + koff + HALF + dh[None, :], dv2.to(DV.dtype.element_ty), mask=k_in[:, None])
+
+
+def compact(table: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each list ascending with -1 last; return (table int32, count int32 (b, h, nq))."""
+    big = torch.iinfo(table.dtype).max
+    ordered = torch.where(table >= 0, table, big).sort(dim=-1).values
+    count = (ordered != big).sum(-1)
+    return torch.where(ordered != big, ordered, -1).int().contiguous(), count.int().contiguous()
+
+
+def transpose(table: Tensor, count: Tensor, n_key_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR of the table by key block: offsets (b*h*nk + 1,), query blocks and slots, grouped per (b, h, j)."""
+    b, h, nq, width = table.shape
+    used = torch.arange(width, device=table.device) < count[..., None].long()
+    bi, hi, mi, si = used.nonzero(as_tuple=True)
+    key = (bi * h + hi) * n_key_blocks + table[bi, hi, mi, si].long()
+    order = torch.argsort(key, stable=True)
+    offsets = torch.zeros(b * h * n_key_blocks + 1, dtype=torch.int32, device=table.device)
+    offsets[1:] = torch.bincount(key, minlength=b * h * n_key_blocks).cumsum(0)
+    return offsets, mi[order].int().contiguous(), si[order].int().contiguous()
+
+
+def rotary_tables(inv_freq: Tensor, scaling: float, positions: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin (positions, d/2) in float32, times the attention scaling."""
+    angles = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv_freq.to(device).float()
+    return (angles.cos() * scaling).contiguous(), (angles.sin() * scaling).contiguous()
+
+
+def _strides(x: Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, table, count, block, scale, cos, sin, token_rule):
+        b, h, q_len, d = q.shape
+        h_kv, k_len = k.shape[1], k.shape[2]
+        first = k_len - q_len
+        rotary = cos is not None
+        if not rotary:
+            cos = sin = q.new_empty(1, dtype=torch.float32)
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
+        _fwd_kernel[(table.shape[2], b * h)](
+            q, k, v, out, lse, table, count, cos, sin,
+            *_strides(q), *_strides(k), *_strides(out), *_strides(table), count.stride(0), count.stride(1),
+            h, h // h_kv, q_len, k_len, first, first // block, scale * LOG2E, *token_rule,
+            **_meta(block, d, rotary, token_rule),
+        )
+        ctx.save_for_backward(q, k, v, out, lse, table, count, cos, sin)
+        ctx.scale, ctx.rotary, ctx.token_rule, ctx.block = scale, rotary, token_rule, block
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, table, count, cos, sin = ctx.saved_tensors
+        grad = grad.contiguous()
+        b, h, q_len, d = q.shape
+        h_kv, k_len = k.shape[1], k.shape[2]
+        block, first, scale = ctx.block, k_len - q_len, ctx.scale
+        meta = _meta(block, d, ctx.rotary, ctx.token_rule)
+        delta = (grad.float() * out.float()).sum(-1).contiguous()
+        dq = torch.empty_like(q)
+        _dq_kernel[(table.shape[2], b * h)](
+            q, k, v, grad, dq, lse, delta, table, count, cos, sin,
+            *_strides(q), *_strides(k), *_strides(table), count.stride(0), count.stride(1),
+            h, h // h_kv, q_len, k_len, first, first // block, scale * LOG2E, scale, *ctx.token_rule, **meta,
+        )
+        n_key_blocks = -(-k_len // block)
+        offsets, csr_m, csr_slot = transpose(table, count, n_key_blocks)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _dkv_kernel[(n_key_blocks, b * h_kv)](
+            q, k, v, grad, dk, dv, lse, delta, count, offsets, csr_m, csr_slot, cos, sin,
+            *_strides(q), *_strides(k), count.stride(0), count.stride(1),
+            h, h_kv, h // h_kv, q_len, k_len, first, first // block, n_key_blocks, scale * LOG2E, scale,
+            *ctx.token_rule, **meta,
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def _meta(block: int, dim: int, rotary: bool, token_rule: tuple[int, int, int, int]) -> dict:
+    token_mask = token_rule[1] > 0 or token_rule[2] > 0
+    return dict(BLOCK=block, HALF=dim // 2, ROTARY=rotary, TOKEN_MASK=token_mask, num_warps=4, num_stages=2)
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    *,
+    block_size: int,
+    scale: float | None = None,
+    inv_freq: Tensor | None = None,
+    rotary_scaling: float = 1.0,
+    sink: int = 0,
+    window: int = 0,
+    group: int = 0,
+    shift: int = 0,
+) -> Tensor:
+    """Attention of each query block over its listed key blocks; differentiable in q, k and v.
+
+    q (b, h, Lq, d), k/v (b, h_kv, Lk, d), table (b, h, nq, K) of key-block ids (-1 unused, any
+    order), for the query blocks of the key-index grid from (Lk - Lq) // block_size on. With
+    ``inv_freq`` the kernel rotates q and k at merged positions (see the module docstring).
+    ``window``/``group`` > 0 switch on the token rules. Returns (b, h, Lq, d).
+    """
+    if not supports(q, block_size):
+        raise ValueError(f"block-sparse kernel: head_dim must be in {HEAD_DIMS} and block_size in {BLOCK_SIZES}, "
+                         f"got head_dim={q.shape[-1]}, block_size={block_size}, dtype={q.dtype}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    table, count = compact(table)
+    cos = sin = None
+    if inv_freq is not None:
+        cos, sin = rotary_tables(inv_freq, rotary_scaling, table.shape[-1] * block_size, q.device)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    rule = (int(sink), int(window), int(group), int(shift))
+    return _BlockSparseAttention.apply(q, k, v, table, count, block_size, scale, cos, sin, rule)

@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from longreach.attention.core import Positions, blocked_attention, plain_logits
+from longreach.attention.select_merge import select_blocks, select_merge
+from longreach.attention.shifted import s2, sf
+from longreach.positions import default
+
+pytest.importorskip("triton")
+from longreach.kernels.block_sparse import block_sparse_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly (a 16x16 product came out 2.5e10
+# off), so on the CPU the 16-bit path is checked in float16; on a GPU bfloat16 is checked too.
+LOW = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def inputs(b, h, hk, q_len, k_len, d, dtype):
+    make = lambda *s: torch.randn(*s, device=DEVICE).to(dtype).requires_grad_()  # noqa: E731
+    return make(b, h, q_len, d), make(b, hk, k_len, d), make(b, hk, k_len, d)
+
+
+def random_table(b, h, q_len, k_len, block, width, gen):
+    """Unsorted key-block lists with holes; every third query block lists nothing."""
+    first = k_len - q_len
+    blocks = torch.arange(first // block, (k_len - 1) // block + 1)
+    table = torch.randint(0, 10**6, (b, h, len(blocks), width), generator=gen) % (blocks[None, None, :, None] + 1)
+    table[..., 0] = blocks  # the diagonal block, so causality and the ragged edge are exercised
+    table = torch.where(torch.rand(table.shape, generator=gen) < 0.25, -1, table)
+    table[:, :, ::3] = -1
+    # duplicates are the caller's business: keep one of each
+    ordered = table.sort(-1).values
+    dup = torch.zeros_like(ordered, dtype=torch.bool)
+    dup[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    return torch.where(dup, -1, ordered).flip(-1).to(DEVICE)
+
+
+def grads(out, tensors, seed):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    return torch.autograd.grad(out, tensors, g)
+
+
+def close(actual, expected, dtype):
+    """fp32: tight; 16-bit: relative Frobenius error as low-precision operands give."""
+    actual, expected = actual.float(), expected.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4)
+    else:
+        err = (actual - expected).norm() / expected.norm().clamp_min(1e-6)
+        assert err < 2e-2, f"relative error {err:.3e}"
+
+
+def upcast(*xs):
+    return [x.detach().float().requires_grad_() for x in xs]
+
+
+CASES = [  # b, h, hk, q_len, k_len, d, block
+    (1, 2, 2, 64, 64, 32, 16),
+    (2, 4, 2, 77, 77, 64, 16),
+    (1, 4, 1, 20, 100, 32, 32),
+    (1, 2, 1, 1, 53, 32, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("case", CASES)
+def test_arbitrary_tables_match_reference(case, dtype):
+    b, h, hk, q_len, k_len, d, block = case
+    gen = torch.Generator().manual_seed(sum(case))
+    q, k, v = inputs(b, h, hk, q_len, k_len, d, dtype)
+    table = random_table(b, h, q_len, k_len, block, 4, gen)
+    out = block_sparse_attention(q, k, v, table, block_size=block)
+    rq, rk, rv = upcast(q, k, v)
+    ref = blocked_attention(rq, (rk,), rv, Positions.contiguous(b, q_len, k_len, DEVICE), block_size=block,
+                            key_blocks=table, logits=plain_logits(None, d**-0.5))
+    close(out, ref, dtype)
+    for a, e in zip(grads(out, (q, k, v), 1), grads(ref, (rq, rk, rv), 1), strict=True):
+        close(a, e, dtype)
+
+
+def test_empty_lists_give_zero_output_and_gradients():
+    q, k, v = inputs(1, 2, 1, 40, 40, 32, torch.float32)
+    table = torch.full((1, 2, 3, 2), -1, device=DEVICE)
+    table[:, :, 1, 0] = 0
+    out = block_sparse_attention(q, k, v, table, block_size=16)
+    assert torch.isfinite(out).all()
+    assert out[:, :, :16].abs().max() == 0 and out[:, :, 32:].abs().max() == 0
+    dq, dk, dv = grads(out, (q, k, v), 2)
+    assert dq[:, :, :16].abs().max() == 0 and torch.isfinite(dk).all() and dv[:, :, 16:].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("q_len", [100, 30])
+def test_select_merge_rotary_in_kernel(dtype, q_len):
+    q, k, v = inputs(1, 4, 2, q_len, 100, 32, dtype)
+    rope = default(32, 10000.0)
+    opts = dict(block_size=16, top_k=2, local=1, sink=1)
+    table = select_blocks(q, k, **opts)
+    out = block_sparse_attention(q, k, v, table, block_size=16, inv_freq=rope.inv_freq)
+    rq, rk, rv = upcast(q, k, v)
+    ref = select_merge(rq, rk, rv, positions=Positions.contiguous(1, q_len, 100, DEVICE), rope=rope, **opts)
+    close(out, ref, dtype)
+    for a, e in zip(grads(out, (q, k, v), 3), grads(ref, (rq, rk, rv), 3), strict=True):
+        close(a, e, dtype)
+
+
+@pytest.mark.parametrize("name", ["s2", "sf"])
+def test_token_rules_match_shifted_references(name, monkeypatch):
+    from longreach.attention import shifted
+
+    q, k, v = inputs(1, 4, 2, 90, 90, 32, torch.float32)
+    rope = default(32, 10000.0)
+    pos = Positions.contiguous(1, 90, 90, DEVICE)
+    fn, extra = (s2, {}) if name == "s2" else (sf, {"sink": 3})
+    rq, rk, rv = upcast(q, k, v)
+    ref = fn(rq, rk, rv, positions=pos, rope=rope, group_size=32, block_size=16, **extra)
+    monkeypatch.setattr(shifted.kernels, "use_kernel", lambda *a: True)
+    out = fn(q, k, v, positions=pos, rope=rope, group_size=32, block_size=16, **extra)
+    close(out, ref, torch.float32)
+    for a, e in zip(grads(out, (q, k, v), 4), grads(ref, (rq, rk, rv), 4), strict=True):
+        close(a, e, torch.float32)
+
+
+def test_rejects_unsupported_shapes():
+    q, k, v = inputs(1, 2, 2, 16, 16, 48, torch.float32)
+    with pytest.raises(ValueError, match="head_dim must be in"):
+        block_sparse_attention(q, k, v, torch.zeros(1, 2, 1, 1, dtype=torch.long), block_size=16)
