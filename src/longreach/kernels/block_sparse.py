@@ -14,6 +14,8 @@ no L x L tensor); the backward recomputes probabilities from the saved log-sum-e
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -22,6 +24,11 @@ from torch import Tensor
 from . import BLOCK_SIZES, HEAD_DIMS, supports
 
 LOG2E = 1.4426950408889634
+KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT"]
+# The interpreter (CPU tests) needs no tuning; on a GPU pick among a few pipelines per shape class.
+CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)]
+if os.environ.get("TRITON_INTERPRET") != "1":
+    CONFIGS += [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 2), (8, 3))]
 
 
 @triton.jit
@@ -30,6 +37,12 @@ def _rotate(x1, x2, cos, sin, INVERSE: tl.constexpr):
     if INVERSE:
         return x1 * cos + x2 * sin, x2 * cos - x1 * sin
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _dot_t(a1, a2, b1, b2, DOT: tl.constexpr):
+    # [a1 a2] @ [b1 b2]^T over the two rotary halves of the head dimension.
+    return tl.dot(a1, tl.trans(b1), input_precision=DOT) + tl.dot(a2, tl.trans(b2), input_precision=DOT)
 
 
 @triton.jit
@@ -46,6 +59,7 @@ def _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.
     return ok
 
 
+@triton.autotune(configs=CONFIGS, key=KEYS)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, LSE, TABLE, COUNT, COS, SIN,
@@ -54,6 +68,7 @@ def _fwd_kernel(
     H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, qk_scale,
     SINK, WINDOW, GROUP, SHIFT,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -95,7 +110,7 @@ def _fwd_kernel(
             s = tl.load(SIN + pos[:, None] * HALF + dh[None, :])
             k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
             k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)
-        qk = tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+        qk = _dot_t(q1, q2, k1, k2, DOT)
         qk = qk * qk_scale
         if TOKEN_MASK or slot == n - 1:
             ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
@@ -109,8 +124,8 @@ def _fwd_kernel(
         v1 = tl.load(vp + dh[None, :], mask=k_in[:, None], other=0.0)
         v2 = tl.load(vp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
         p = p.to(V.dtype.element_ty)
-        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1)
-        acc2 = acc2 * alpha[:, None] + tl.dot(p, v2)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=DOT)
         m_i = m_new
     empty = l_i == 0.0
     denom = tl.where(empty, 1.0, l_i)
@@ -121,6 +136,7 @@ def _fwd_kernel(
     tl.store(LSE + bh * Lq + q_row, lse, mask=q_ok)
 
 
+@triton.autotune(configs=CONFIGS, key=KEYS)
 @triton.jit
 def _dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, TABLE, COUNT, COS, SIN,
@@ -129,6 +145,7 @@ def _dq_kernel(
     H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, qk_scale, sm_scale,
     SINK, WINDOW, GROUP, SHIFT,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -172,7 +189,7 @@ def _dq_kernel(
             s = tl.load(SIN + pos[:, None] * HALF + dh[None, :])
             k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
             k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)
-        qk = (tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))) * qk_scale
+        qk = _dot_t(q1, q2, k1, k2, DOT) * qk_scale
         if TOKEN_MASK or slot == n - 1:
             ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
             qk = tl.where(ok, qk, float("-inf"))
@@ -180,16 +197,17 @@ def _dq_kernel(
         vp = v_base + k_idx[:, None] * skn
         v1 = tl.load(vp + dh[None, :], mask=k_in[:, None], other=0.0)
         v2 = tl.load(vp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
-        dp = tl.dot(do1, tl.trans(v1)) + tl.dot(do2, tl.trans(v2))
+        dp = _dot_t(do1, do2, v1, v2, DOT)
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
-        dq1 += tl.dot(ds, k1)
-        dq2 += tl.dot(ds, k2)
+        dq1 += tl.dot(ds, k1, input_precision=DOT)
+        dq2 += tl.dot(ds, k2, input_precision=DOT)
     if ROTARY:
         dq1, dq2 = _rotate(dq1, dq2, qc, qs, True)
     tl.store(DQ + off + dh[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
     tl.store(DQ + off + HALF + dh[None, :], (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
+@triton.autotune(configs=CONFIGS, key=KEYS)
 @triton.jit
 def _dkv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN,
@@ -197,6 +215,7 @@ def _dkv_kernel(
     H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NK, qk_scale, sm_scale,
     SINK, WINDOW, GROUP, SHIFT,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     j = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -247,15 +266,15 @@ def _dkv_kernel(
                 kk1, kk2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), kc, ks, False)
                 kk1, kk2 = kk1.to(K.dtype.element_ty), kk2.to(K.dtype.element_ty)
             # Transposed scores: rows are keys, columns queries.
-            qkT = (tl.dot(kk1, tl.trans(q1)) + tl.dot(kk2, tl.trans(q2))) * qk_scale
+            qkT = _dot_t(kk1, kk2, q1, q2, DOT) * qk_scale
             okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
             pT = tl.where(okT, tl.math.exp2(qkT - lse[None, :]), 0.0)
-            dv1 += tl.dot(pT.to(DO.dtype.element_ty), do1)
-            dv2 += tl.dot(pT.to(DO.dtype.element_ty), do2)
-            dpT = tl.dot(v1, tl.trans(do1)) + tl.dot(v2, tl.trans(do2))
+            dv1 += tl.dot(pT.to(DO.dtype.element_ty), do1, input_precision=DOT)
+            dv2 += tl.dot(pT.to(DO.dtype.element_ty), do2, input_precision=DOT)
+            dpT = _dot_t(v1, v2, do1, do2, DOT)
             dsT = (pT * (dpT - delta[None, :])).to(Q.dtype.element_ty)
-            g1 = tl.dot(dsT, q1)
-            g2 = tl.dot(dsT, q2)
+            g1 = tl.dot(dsT, q1, input_precision=DOT)
+            g2 = tl.dot(dsT, q2, input_precision=DOT)
             if ROTARY:
                 g1, g2 = _rotate(g1, g2, kc, ks, True)
             dk1 += g1
@@ -311,7 +330,7 @@ class _BlockSparseAttention(torch.autograd.Function):
             q, k, v, out, lse, table, count, cos, sin,
             *_strides(q), *_strides(k), *_strides(out), *_strides(table), count.stride(0), count.stride(1),
             h, h // h_kv, q_len, k_len, first, first // block, scale * LOG2E, *token_rule,
-            **_meta(block, d, rotary, token_rule),
+            **_meta(block, d, rotary, token_rule, q.dtype),
         )
         ctx.save_for_backward(q, k, v, out, lse, table, count, cos, sin)
         ctx.scale, ctx.rotary, ctx.token_rule, ctx.block = scale, rotary, token_rule, block
@@ -324,7 +343,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         b, h, q_len, d = q.shape
         h_kv, k_len = k.shape[1], k.shape[2]
         block, first, scale = ctx.block, k_len - q_len, ctx.scale
-        meta = _meta(block, d, ctx.rotary, ctx.token_rule)
+        meta = _meta(block, d, ctx.rotary, ctx.token_rule, q.dtype)
         delta = (grad.float() * out.float()).sum(-1).contiguous()
         dq = torch.empty_like(q)
         _dq_kernel[(table.shape[2], b * h)](
@@ -344,9 +363,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _meta(block: int, dim: int, rotary: bool, token_rule: tuple[int, int, int, int]) -> dict:
+def _meta(block: int, dim: int, rotary: bool, token_rule: tuple[int, int, int, int], dtype: torch.dtype) -> dict:
     token_mask = token_rule[1] > 0 or token_rule[2] > 0
-    return dict(BLOCK=block, HALF=dim // 2, ROTARY=rotary, TOKEN_MASK=token_mask, num_warps=4, num_stages=2)
+    # float32 inputs get IEEE products (no silent TF32 rounding); 16-bit inputs use the tensor cores.
+    dot = "ieee" if dtype == torch.float32 else "tf32"
+    return dict(BLOCK=block, HALF=dim // 2, ROTARY=rotary, TOKEN_MASK=token_mask, DOT=dot)
 
 
 def block_sparse_attention(

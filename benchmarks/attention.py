@@ -1,0 +1,196 @@
+"""Attention benchmark: longreach's sparse methods against SDPA and FlexAttention, in one process.
+
+For each length: PyTorch SDPA causal (dense baseline), then per method: the whole method (block
+selection + kernel), the kernel alone on the method's table, and FlexAttention compiled, run on
+the identical block mask (built from the same table with BlockMask.from_kv_blocks, no L x L
+tensor; non-diagonal blocks marked full so Flex skips their mask). Forward and forward+backward
+median times (CUDA events, triton.testing.do_bench), peak memory of forward+backward, and TFLOP/s
+counting only the blocks computed (fwd 4*B*B*d per block pair, fwd+bwd 3.5x that; SDPA: the causal
+half). Writes JSON and a plot.
+
+    python benchmarks/attention.py --out DIR [--lengths 8192,16384] [--heads 32] [--dim 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from triton.testing import do_bench
+
+from longreach.attention import METHODS
+from longreach.attention.core import Positions
+from longreach.attention.select_merge import select_blocks
+from longreach.attention.shifted import _shifted_tables, group_size_for, head_shifts
+from longreach.kernels import sparse_attention
+from longreach.kernels.block_sparse import compact
+from longreach.positions import default
+
+SPARSE = ("select_merge", "s2", "sf")
+# Flex recompiles for every mask shape (about half a minute each on the H100), so by default only
+# select_merge, the method the acceptance compares, gets the Flex baseline.
+FLEX = ("select_merge",)
+flex = torch.compile(flex_attention, dynamic=False)
+
+
+def method_table(name: str, q, k):
+    """The key-block table the method uses at its defaults, and its kernel token rule."""
+    opts = METHODS[name].defaults()
+    b, h, length, _ = q.shape
+    if name == "select_merge":
+        t = select_blocks(q, k, block_size=opts["block_size"], top_k=opts["top_k"], local=opts["local"],
+                          sink=opts["sink"])
+        return t, opts["block_size"], {}
+    group = group_size_for(length, opts["group_size"])
+    sink = opts.get("sink", 0)
+    shifts = head_shifts(h, group, opts["shift"], q.device)
+    t = _shifted_tables(b, h, length, length, opts["block_size"], group, shifts, sink)
+    return t, opts["block_size"], dict(sink=sink, group=group, shift=group // 2)
+
+
+def flex_mask(table, block: int, length: int, rule: dict) -> BlockMask:
+    """Flex's BlockMask from our table: the diagonal block partial (causal), the rest full.
+
+    Flex transposes through an (nq x n_kv_blocks) block matrix, so index rows are n_kv_blocks wide.
+    """
+    t, count = compact(table)
+    b, h, nq, width = t.shape
+    n_kv = -(-length // block)
+    t = F.pad(t.clamp_min(0), (0, n_kv - width))
+    diag = F.pad(t.gather(-1, (count.long() - 1).clamp_min(0)[..., None]), (0, n_kv - 1))
+    full = torch.where(torch.arange(n_kv, device=t.device) < (count[..., None] - 1), t, 0)
+    if rule:  # S2/SF: group membership cuts inside blocks, so every listed block is partial
+        group, shift, sink = rule["group"], rule["shift"], rule["sink"]
+        heads = h
+
+        def mask_mod(bi, hi, qi, ki):
+            s = torch.where(hi >= heads // 2, shift, 0)
+            return (ki <= qi) & (((qi + s) // group == (ki + s) // group) | (ki < sink))
+
+        return BlockMask.from_kv_blocks(count, t, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(length, length))
+
+    def causal(bi, hi, qi, ki):
+        return ki <= qi
+
+    return BlockMask.from_kv_blocks(
+        torch.ones_like(count), diag, (count - 1).clamp_min(0), full, BLOCK_SIZE=block,
+        mask_mod=causal, seq_lengths=(length, length),
+    )
+
+
+def measure(fn, inputs, grad) -> dict:
+    """Median forward and forward+backward ms, and peak GiB of forward+backward above the inputs."""
+    with torch.no_grad():
+        fwd = do_bench(lambda: fn(*inputs), warmup=25, rep=200, return_mode="median")
+
+    def step():
+        fn(*inputs).backward(grad)
+
+    both = do_bench(step, warmup=25, rep=200, grad_to_none=list(inputs), return_mode="median")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    for x in inputs:
+        x.grad = None
+    return {"fwd_ms": fwd, "fwdbwd_ms": both, "peak_extra_gib": peak}
+
+
+def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dict]:
+    """Whole method, kernel alone and Flex on the same mask, for one method at one length."""
+    length, dim = q.shape[2], q.shape[3]
+    pos = Positions.contiguous(1, length, length, "cuda")
+    fn = METHODS[name].fn
+    whole = measure(lambda a, b, c: fn(a, b, c, positions=pos, rope=rope), (q, k, v), grad)
+    with torch.no_grad():
+        table, block, rule = method_table(name, q, k)
+    flops = 4 * float(compact(table)[1].sum()) * block * block * dim
+    merged = name == "select_merge"
+    kernel = measure(lambda a, b, c: sparse_attention(a, b, c, table, positions=pos, rope=rope, block_size=block,
+                                                      scale=dim**-0.5, merged_positions=merged, **rule),
+                     (q, k, v), grad)
+    rows = [("longreach", whole), ("longreach_kernel", kernel)]
+    if name in FLEX:
+        mask = flex_mask(table, block, length, rule)
+        rows.append(("flex_same_mask", measure(lambda a, b, c: flex(a, b, c, block_mask=mask), (q, k, v), grad)))
+    print(f"L={length:>6} {name:<12} " + "  ".join(f"{impl} {rec['fwdbwd_ms']:.2f}" for impl, rec in rows)
+          + f" ms fwd+bwd; block density {flops / dense_flops / 2:.4f}", flush=True)
+    return [{"L": length, "impl": impl, "method": name, "fwd_flops": flops, **rec} for impl, rec in rows]
+
+
+def run(lengths, heads, dim, out: Path, dtype=torch.bfloat16) -> dict:
+    rope = default(dim, 10000.0)
+    records = []
+    result = {}
+    for length in lengths:
+        torch.manual_seed(length)
+        q, k, v = (torch.randn(1, heads, length, dim, device="cuda", dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        grad = torch.randn_like(q)
+        dense_flops = 4 * heads * dim * length * length / 2
+        sdpa = measure(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v), grad)
+        records.append({"L": length, "impl": "sdpa_causal", "method": "dense", "fwd_flops": dense_flops, **sdpa})
+        print(f"L={length:>6} sdpa        fwd {sdpa['fwd_ms']:8.2f} fwd+bwd {sdpa['fwdbwd_ms']:8.2f} ms", flush=True)
+        for name in SPARSE:
+            records += bench_method(name, q, k, v, grad, rope, dense_flops)
+        del q, k, v, grad
+        torch.cuda.empty_cache()
+        for r in records:
+            r["fwd_tflops"] = r["fwd_flops"] / r["fwd_ms"] / 1e9
+            r["fwdbwd_tflops"] = 3.5 * r["fwd_flops"] / r["fwdbwd_ms"] / 1e9
+        result = {
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "python": platform.python_version(),
+            "config": {"batch": 1, "heads": heads, "head_dim": dim, "dtype": str(dtype), "lengths": lengths,
+                       "defaults": {n: METHODS[n].defaults() for n in SPARSE}},
+            "records": records,
+        }
+        (out / "attention.json").write_text(json.dumps(result, indent=1))  # kept if a later length fails
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = sorted({(r["method"], r["impl"]) for r in result["records"]})
+    for ax, key, label in ((axes[0], "fwdbwd_ms", "forward+backward ms"), (axes[1], "peak_extra_gib", "peak GiB")):
+        for method, impl in series:
+            rows = [r for r in result["records"] if (r["method"], r["impl"]) == (method, impl)]
+            ax.plot([r["L"] for r in rows], [r[key] for r in rows], marker="o", label=f"{method} / {impl}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{result['device']}: batch 1, {result['config']['heads']} heads, head_dim "
+                 f"{result['config']['head_dim']}, bf16")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lengths", default="8192,16384,32768,65536,131072")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=128)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = run([int(x) for x in args.lengths.split(",")], args.heads, args.dim, args.out)
+    plot(result, args.out / "attention.png")
+
+
+if __name__ == "__main__":
+    main()
