@@ -83,6 +83,24 @@ def flex_mask(table, block: int, length: int, rule: dict) -> BlockMask:
     )
 
 
+def flex_options(mask, q, k, v, grad, block: int) -> dict:
+    """Flex tiles that fit the mask's block size (its default 128-row tiles do not divide 64)."""
+    tried = []
+    for bwd in (None, block, block // 2):
+        options = {"BLOCK_M": block, "BLOCK_N": block}
+        if bwd:
+            options.update(BLOCK_M1=bwd // 2, BLOCK_N1=bwd, BLOCK_M2=bwd, BLOCK_N2=bwd // 2)
+        try:
+            flex(q, k, v, block_mask=mask, kernel_options=options).backward(grad)
+            return options
+        except Exception as error:  # a rejected tile shape: try the next
+            tried.append(f"{options}: {str(error).splitlines()[0][:200]}")
+        finally:
+            for x in (q, k, v):
+                x.grad = None
+    raise RuntimeError("no Flex tile configuration compiled:\n" + "\n".join(tried))
+
+
 def measure(fn, inputs, grad) -> dict:
     """Median forward and forward+backward ms, and peak GiB of forward+backward above the inputs."""
     with torch.no_grad():
@@ -119,7 +137,9 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dic
     rows = [("longreach", whole), ("longreach_kernel", kernel)]
     if name in FLEX:
         mask = flex_mask(table, block, length, rule)
-        rows.append(("flex_same_mask", measure(lambda a, b, c: flex(a, b, c, block_mask=mask), (q, k, v), grad)))
+        options = flex_options(mask, q, k, v, grad, block)
+        rows.append(("flex_same_mask", measure(lambda a, b, c: flex(a, b, c, block_mask=mask,
+                                                                    kernel_options=options), (q, k, v), grad)))
     print(f"L={length:>6} {name:<12} " + "  ".join(f"{impl} {rec['fwdbwd_ms']:.2f}" for impl, rec in rows)
           + f" ms fwd+bwd; block density {flops / dense_flops / 2:.4f}", flush=True)
     return [{"L": length, "impl": impl, "method": name, "fwd_flops": flops, **rec} for impl, rec in rows]
