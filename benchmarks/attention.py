@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,22 +84,51 @@ def flex_mask(table, block: int, length: int, rule: dict) -> BlockMask:
     )
 
 
-def flex_options(mask, q, k, v, grad, block: int) -> dict:
-    """Flex tiles that fit the mask's block size (its default 128-row tiles do not divide 64)."""
-    tried = []
-    for bwd in (None, block, block // 2):
-        options = {"BLOCK_M": block, "BLOCK_N": block}
-        if bwd:
-            options.update(BLOCK_M1=bwd // 2, BLOCK_N1=bwd, BLOCK_M2=bwd, BLOCK_N2=bwd // 2)
+def flex_mask_128(table, block: int, length: int) -> BlockMask:
+    """The same token-level mask at Flex's default 128-token blocks: a 128 block is full when all four
+    of its 64-blocks are listed and it lies below the diagonal, partial when some are; the mask_mod
+    looks the 64-block up, so Flex computes exactly the pairs our kernel computes, on its own tiles."""
+    t, count = compact(table)
+    b, h, nq, width = t.shape
+    n = -(-length // block)
+    listed = torch.zeros(b, h, nq, n + 1, dtype=torch.bool, device=t.device)
+    listed.scatter_(-1, torch.where(t >= 0, t, n).long(), True)
+    listed = listed[..., :n]
+    pad = n % 2
+    coarse = F.pad(listed, (0, pad, 0, pad)).view(b, h, (n + pad) // 2, 2, (n + pad) // 2, 2)
+    rows = torch.arange(coarse.shape[2], device=t.device)
+    below = rows[None, :] < rows[:, None]
+    full = coarse.all(5).all(3) & below
+    partial = coarse.any(5).any(3) & ~full
+
+    def ordered(m):
+        counts = m.sum(-1).int()
+        idx = torch.argsort((~m).int(), dim=-1, stable=True).int()
+        return counts, idx
+
+    def mask_mod(bi, hi, qi, ki):
+        return (ki <= qi) & listed[bi, hi, qi // block, ki // block]
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=2 * block, mask_mod=mask_mod,
+                                    seq_lengths=(length, length))
+
+
+def flex_runner(table, block, length, rule, q, k, v, grad):
+    """Flex on the method's mask: 64-token tiles when inductor accepts them, else 128-token blocks."""
+    mask = flex_mask(table, block, length, rule)
+    for options in ({"BLOCK_M": block, "BLOCK_N": block, "num_warps": 4, "num_stages": 2},
+                    {"BLOCK_M": block, "BLOCK_N": block, "num_warps": 4, "num_stages": 2, "BLOCK_M1": block // 2,
+                     "BLOCK_N1": block, "BLOCK_M2": block, "BLOCK_N2": block // 2}):
         try:
             flex(q, k, v, block_mask=mask, kernel_options=options).backward(grad)
-            return options
-        except Exception as error:  # a rejected tile shape: try the next
-            tried.append(f"{options}: {str(error).splitlines()[0][:200]}")
+            return partial(flex, block_mask=mask, kernel_options=options), "64-token tiles"
+        except Exception as error:  # rejected tile shape
+            print(f"  flex {options}: {str(error).splitlines()[0][:120]}", flush=True)
         finally:
             for x in (q, k, v):
                 x.grad = None
-    raise RuntimeError("no Flex tile configuration compiled:\n" + "\n".join(tried))
+    coarse = flex_mask_128(table, block, length)
+    return partial(flex, block_mask=coarse), "128-token blocks, 64-block mask_mod"
 
 
 def measure(fn, inputs, grad) -> dict:
@@ -136,10 +166,8 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dic
                      (q, k, v), grad)
     rows = [("longreach", whole), ("longreach_kernel", kernel)]
     if name in FLEX:
-        mask = flex_mask(table, block, length, rule)
-        options = flex_options(mask, q, k, v, grad, block)
-        rows.append(("flex_same_mask", measure(lambda a, b, c: flex(a, b, c, block_mask=mask,
-                                                                    kernel_options=options), (q, k, v), grad)))
+        run_flex, how = flex_runner(table, block, length, rule, q, k, v, grad)
+        rows.append(("flex_same_mask", {**measure(run_flex, (q, k, v), grad), "flex_layout": how}))
     print(f"L={length:>6} {name:<12} " + "  ".join(f"{impl} {rec['fwdbwd_ms']:.2f}" for impl, rec in rows)
           + f" ms fwd+bwd; block density {flops / dense_flops / 2:.4f}", flush=True)
     return [{"L": length, "impl": impl, "method": name, "fwd_flops": flops, **rec} for impl, rec in rows]
