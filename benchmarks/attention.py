@@ -32,6 +32,8 @@ from longreach.kernels import sparse_attention
 from longreach.kernels.block_sparse import compact
 from longreach.positions import default
 
+# Flex compiles once per length and mask shape; the default limit of 8 graphs is too few here.
+torch._dynamo.config.recompile_limit = 64
 SPARSE = ("select_merge", "s2", "sf")
 # Flex recompiles for every mask shape (about half a minute each on the H100), so by default only
 # select_merge, the method the acceptance compares, gets the Flex baseline.

@@ -6,10 +6,13 @@ lists, per query block of the key-index grid, the key blocks it reads in ascendi
 padded, with the query block's own (diagonal) block last; ``count`` (b, h, nq) how many are used.
 Per (query, key) pair the kernel masks: causal and in range always; with ``window``/``group``/
 ``sink`` set, also token rules (sinks + window; S2 groups with ``shift`` for heads >= H // 2).
-With ``rotary`` the kernel rotates q and k itself at merged positions (select-and-merge's
-positions on selected tokens): the key at slot s, offset t gets s * B + t and the query its own
-slot's position. Structure after the Triton fused-attention tutorial (online softmax in base 2,
-no L x L tensor); the backward recomputes probabilities from the saved log-sum-exp.
+With ``rotary`` the kernel applies select-and-merge's positions on selected tokens: the key at
+slot s, offset t sits at s * B + t and the query at its own (last) slot's position. Since rotations
+in one plane compose, R(a) q . R(b) k = R(t_q) q . R(delta B) R(t_k) k with delta = s - own slot:
+q and k are turned by their offset inside the block once, outside the kernel, and the kernel turns
+each key block by delta * B, a single d/2 vector of cos/sin per block. Structure after the Triton
+fused-attention tutorial (online softmax in base 2, no L x L tensor); the backward recomputes
+probabilities from the saved log-sum-exp.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.
             rule = rule & (q_idx[:, None] - k_idx[None, :] < WINDOW)
         if GROUP > 0:
             s = tl.where(h >= H // 2, SHIFT, 0)
-            rule = rule & ((q_idx[:, None] + s) // GROUP == (k_idx[None, :] + s) // GROUP)
+            rule = rule & (((q_idx + s) // GROUP)[:, None] == ((k_idx + s) // GROUP)[None, :])
         ok = ok & (rule | (k_idx[None, :] < SINK))
     return ok
 
@@ -65,7 +68,7 @@ def _fwd_kernel(
     Q, K, V, Out, LSE, TABLE, COUNT, COS, SIN,
     sqb, sqh, sqm, skb, skh, skn, sob, soh, som,
     stb, sth, stm, scb, sch,
-    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, qk_scale,
+    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, WIDTH, qk_scale,
     SINK, WINDOW, GROUP, SHIFT,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr,
@@ -84,12 +87,6 @@ def _fwd_kernel(
     q1 = tl.load(q_ptr + dh[None, :], mask=q_ok[:, None], other=0.0)
     q2 = tl.load(q_ptr + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
     n = tl.load(COUNT + b * scb + h * sch + m)
-    if ROTARY:
-        qp = tl.maximum(n - 1, 0) * BLOCK + t
-        c = tl.load(COS + qp[:, None] * HALF + dh[None, :])
-        s = tl.load(SIN + qp[:, None] * HALF + dh[None, :])
-        q1, q2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), c, s, False)
-        q1, q2 = q1.to(Q.dtype.element_ty), q2.to(Q.dtype.element_ty)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc1 = tl.zeros([BLOCK, HALF], tl.float32)
@@ -105,9 +102,8 @@ def _fwd_kernel(
         k1 = tl.load(kp + dh[None, :], mask=k_in[:, None], other=0.0)
         k2 = tl.load(kp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
         if ROTARY:
-            pos = slot * BLOCK + t
-            c = tl.load(COS + pos[:, None] * HALF + dh[None, :])
-            s = tl.load(SIN + pos[:, None] * HALF + dh[None, :])
+            c = tl.load(COS + (slot - n + WIDTH) * HALF + dh)[None, :]
+            s = tl.load(SIN + (slot - n + WIDTH) * HALF + dh)[None, :]
             k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
             k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)
         qk = _dot_t(q1, q2, k1, k2, DOT)
@@ -142,7 +138,7 @@ def _dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, TABLE, COUNT, COS, SIN,
     sqb, sqh, sqm, skb, skh, skn,
     stb, sth, stm, scb, sch,
-    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, qk_scale, sm_scale,
+    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, WIDTH, qk_scale, sm_scale,
     SINK, WINDOW, GROUP, SHIFT,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr,
@@ -165,12 +161,6 @@ def _dq_kernel(
     lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
     n = tl.load(COUNT + b * scb + h * sch + m)
-    if ROTARY:
-        qp = tl.maximum(n - 1, 0) * BLOCK + t
-        qc = tl.load(COS + qp[:, None] * HALF + dh[None, :])
-        qs = tl.load(SIN + qp[:, None] * HALF + dh[None, :])
-        q1, q2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), qc, qs, False)
-        q1, q2 = q1.to(Q.dtype.element_ty), q2.to(Q.dtype.element_ty)
     dq1 = tl.zeros([BLOCK, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK, HALF], tl.float32)
     k_base = K + b * skb + hk * skh
@@ -184,9 +174,8 @@ def _dq_kernel(
         k1 = tl.load(kp + dh[None, :], mask=k_in[:, None], other=0.0)
         k2 = tl.load(kp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
         if ROTARY:
-            pos = slot * BLOCK + t
-            c = tl.load(COS + pos[:, None] * HALF + dh[None, :])
-            s = tl.load(SIN + pos[:, None] * HALF + dh[None, :])
+            c = tl.load(COS + (slot - n + WIDTH) * HALF + dh)[None, :]
+            s = tl.load(SIN + (slot - n + WIDTH) * HALF + dh)[None, :]
             k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
             k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)
         qk = _dot_t(q1, q2, k1, k2, DOT) * qk_scale
@@ -201,8 +190,6 @@ def _dq_kernel(
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
         dq1 += tl.dot(ds, k1, input_precision=DOT)
         dq2 += tl.dot(ds, k2, input_precision=DOT)
-    if ROTARY:
-        dq1, dq2 = _rotate(dq1, dq2, qc, qs, True)
     tl.store(DQ + off + dh[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
     tl.store(DQ + off + HALF + dh[None, :], (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
@@ -212,7 +199,7 @@ def _dq_kernel(
 def _dkv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN,
     sqb, sqh, sqm, skb, skh, skn, scb, sch,
-    H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NK, qk_scale, sm_scale,
+    H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, WIDTH, NK, qk_scale, sm_scale,
     SINK, WINDOW, GROUP, SHIFT,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr,
@@ -254,15 +241,9 @@ def _dkv_kernel(
             kk1 = k1
             kk2 = k2
             if ROTARY:
-                n = tl.load(COUNT + b * scb + h * sch + m)
-                qp = (n - 1) * BLOCK + t
-                c = tl.load(COS + qp[:, None] * HALF + dh[None, :])
-                s = tl.load(SIN + qp[:, None] * HALF + dh[None, :])
-                q1, q2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), c, s, False)
-                q1, q2 = q1.to(Q.dtype.element_ty), q2.to(Q.dtype.element_ty)
-                pos = tl.load(CSR_SLOT + e) * BLOCK + t
-                kc = tl.load(COS + pos[:, None] * HALF + dh[None, :])
-                ks = tl.load(SIN + pos[:, None] * HALF + dh[None, :])
+                r = tl.load(CSR_SLOT + e) - tl.load(COUNT + b * scb + h * sch + m) + WIDTH
+                kc = tl.load(COS + r * HALF + dh)[None, :]
+                ks = tl.load(SIN + r * HALF + dh)[None, :]
                 kk1, kk2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), kc, ks, False)
                 kk1, kk2 = kk1.to(K.dtype.element_ty), kk2.to(K.dtype.element_ty)
             # Transposed scores: rows are keys, columns queries.
@@ -305,10 +286,22 @@ def transpose(table: Tensor, count: Tensor, n_key_blocks: int) -> tuple[Tensor, 
     return offsets, mi[order].int().contiguous(), si[order].int().contiguous()
 
 
-def rotary_tables(inv_freq: Tensor, scaling: float, positions: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin (positions, d/2) in float32, times the attention scaling."""
-    angles = torch.arange(positions, device=device, dtype=torch.float32)[:, None] * inv_freq.to(device).float()
-    return (angles.cos() * scaling).contiguous(), (angles.sin() * scaling).contiguous()
+def block_turns(inv_freq: Tensor, width: int, block: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos and sin (width, d/2) float32 of the turn by delta * block, row r holding delta = r - width + 1
+    (the kernel reads row slot - count + width: the own, last slot turns by 0)."""
+    delta = torch.arange(1 - width, 1, device=device, dtype=torch.float32) * block
+    angles = delta[:, None] * inv_freq.to(device).float()
+    return angles.cos().contiguous(), angles.sin().contiguous()
+
+
+def turn_within_blocks(x: Tensor, first: int, block: int, inv_freq: Tensor, scaling: float) -> Tensor:
+    """Rotate x (b, h, L, d), row i at index first + i, by its offset inside its block (times scaling)."""
+    offset = (first + torch.arange(x.shape[2], device=x.device)) % block
+    angles = offset.float()[:, None] * inv_freq.to(x.device).float()
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -329,7 +322,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         _fwd_kernel[(table.shape[2], b * h)](
             q, k, v, out, lse, table, count, cos, sin,
             *_strides(q), *_strides(k), *_strides(out), *_strides(table), count.stride(0), count.stride(1),
-            h, h // h_kv, q_len, k_len, first, first // block, scale * LOG2E, *token_rule,
+            h, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], scale * LOG2E, *token_rule,
             **_meta(block, d, rotary, token_rule, q.dtype),
         )
         ctx.save_for_backward(q, k, v, out, lse, table, count, cos, sin)
@@ -349,7 +342,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         _dq_kernel[(table.shape[2], b * h)](
             q, k, v, grad, dq, lse, delta, table, count, cos, sin,
             *_strides(q), *_strides(k), *_strides(table), count.stride(0), count.stride(1),
-            h, h // h_kv, q_len, k_len, first, first // block, scale * LOG2E, scale, *ctx.token_rule, **meta,
+            h, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], scale * LOG2E, scale, *ctx.token_rule,
+            **meta,
         )
         n_key_blocks = -(-k_len // block)
         offsets, csr_m, csr_slot = transpose(table, count, n_key_blocks)
@@ -357,7 +351,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         _dkv_kernel[(n_key_blocks, b * h_kv)](
             q, k, v, grad, dk, dv, lse, delta, count, offsets, csr_m, csr_slot, cos, sin,
             *_strides(q), *_strides(k), count.stride(0), count.stride(1),
-            h, h_kv, h // h_kv, q_len, k_len, first, first // block, n_key_blocks, scale * LOG2E, scale,
+            h, h_kv, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], n_key_blocks, scale * LOG2E,
+            scale,
             *ctx.token_rule, **meta,
         )
         return dq, dk, dv, None, None, None, None, None, None, None
@@ -399,7 +394,10 @@ def block_sparse_attention(
     table, count = compact(table)
     cos = sin = None
     if inv_freq is not None:
-        cos, sin = rotary_tables(inv_freq, rotary_scaling, table.shape[-1] * block_size, q.device)
+        cos, sin = block_turns(inv_freq, table.shape[-1], block_size, q.device)
+        first = k.shape[2] - q.shape[2]
+        q = turn_within_blocks(q, first, block_size, inv_freq, rotary_scaling)
+        k = turn_within_blocks(k, 0, block_size, inv_freq, rotary_scaling)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rule = (int(sink), int(window), int(group), int(shift))
     return _BlockSparseAttention.apply(q, k, v, table, count, block_size, scale, cos, sin, rule)
