@@ -124,7 +124,7 @@ def select_merge(
         return kernels.sparse_attention(q, k, v, blocks, positions=positions, rope=rope, block_size=block_size,
                                     scale=scale, merged_positions=position_mode == "selected")
     if position_mode == "selected":
-        keys, logits = (k,), _selected_logits(require_rope(rope, "select_merge"), scale)
+        keys, logits = (k,), _selected_logits(rope, scale)
     else:
         keys, logits = rotated_keys(rope, k, positions), plain_logits(rope, scale)
     return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=blocks, logits=logits)

@@ -49,6 +49,27 @@ def _dot_t(a1, a2, b1, b2, DOT: tl.constexpr):
 
 
 @triton.jit
+def _load_halves(base, rows, ok, stride, HALF: tl.constexpr):
+    # Rows ``rows`` of a (L, 2 * HALF) slab as its two rotary halves; rows where ``ok`` fails read 0.
+    dh = tl.arange(0, HALF)
+    ptr = base + rows[:, None] * stride + dh[None, :]
+    return tl.load(ptr, mask=ok[:, None], other=0.0), tl.load(ptr + HALF, mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _key_block(base, rows, ok, stride, COS, SIN, turn, HALF: tl.constexpr, ROTARY: tl.constexpr):
+    # A key block's halves, turned by row ``turn`` of the cos/sin tables for merged positions.
+    k1, k2 = _load_halves(base, rows, ok, stride, HALF)
+    if ROTARY:
+        dh = tl.arange(0, HALF)
+        c = tl.load(COS + turn * HALF + dh)[None, :]
+        s = tl.load(SIN + turn * HALF + dh)[None, :]
+        r1, r2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
+        k1, k2 = r1.to(k1.dtype), r2.to(k2.dtype)
+    return k1, k2
+
+
+@triton.jit
 def _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.constexpr):
     ok = (k_idx[None, :] <= q_idx[:, None]) & (k_idx[None, :] < Lk)
     if TOKEN_MASK:
@@ -83,9 +104,7 @@ def _fwd_kernel(
     q_idx = (START_BLOCK + m) * BLOCK + t
     q_row = q_idx - FIRST
     q_ok = (q_row >= 0) & (q_idx < Lk)
-    q_ptr = Q + b * sqb + h * sqh + q_row[:, None] * sqm
-    q1 = tl.load(q_ptr + dh[None, :], mask=q_ok[:, None], other=0.0)
-    q2 = tl.load(q_ptr + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
+    q1, q2 = _load_halves(Q + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
     n = tl.load(COUNT + b * scb + h * sch + m)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
@@ -95,17 +114,9 @@ def _fwd_kernel(
     v_base = V + b * skb + hk * skh
     table = TABLE + b * stb + h * sth + m * stm
     for slot in range(0, n):
-        blk = tl.load(table + slot)
-        k_idx = blk * BLOCK + t
+        k_idx = tl.load(table + slot) * BLOCK + t
         k_in = k_idx < Lk
-        kp = k_base + k_idx[:, None] * skn
-        k1 = tl.load(kp + dh[None, :], mask=k_in[:, None], other=0.0)
-        k2 = tl.load(kp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
-        if ROTARY:
-            c = tl.load(COS + (slot - n + WIDTH) * HALF + dh)[None, :]
-            s = tl.load(SIN + (slot - n + WIDTH) * HALF + dh)[None, :]
-            k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
-            k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)
+        k1, k2 = _key_block(k_base, k_idx, k_in, skn, COS, SIN, slot - n + WIDTH, HALF, ROTARY)
         qk = _dot_t(q1, q2, k1, k2, DOT)
         qk = qk * qk_scale
         if TOKEN_MASK or slot == n - 1:
@@ -116,9 +127,7 @@ def _fwd_kernel(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vp = v_base + k_idx[:, None] * skn
-        v1 = tl.load(vp + dh[None, :], mask=k_in[:, None], other=0.0)
-        v2 = tl.load(vp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+        v1, v2 = _load_halves(v_base, k_idx, k_in, skn, HALF)
         p = p.to(V.dtype.element_ty)
         acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT)
         acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=DOT)
@@ -154,10 +163,8 @@ def _dq_kernel(
     q_row = q_idx - FIRST
     q_ok = (q_row >= 0) & (q_idx < Lk)
     off = b * sqb + h * sqh + q_row[:, None] * sqm
-    q1 = tl.load(Q + off + dh[None, :], mask=q_ok[:, None], other=0.0)
-    q2 = tl.load(Q + off + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
-    do1 = tl.load(DO + off + dh[None, :], mask=q_ok[:, None], other=0.0)
-    do2 = tl.load(DO + off + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
+    q1, q2 = _load_halves(Q + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
+    do1, do2 = _load_halves(DO + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
     lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
     delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
     n = tl.load(COUNT + b * scb + h * sch + m)
@@ -167,25 +174,15 @@ def _dq_kernel(
     v_base = V + b * skb + hk * skh
     table = TABLE + b * stb + h * sth + m * stm
     for slot in range(0, n):
-        blk = tl.load(table + slot)
-        k_idx = blk * BLOCK + t
+        k_idx = tl.load(table + slot) * BLOCK + t
         k_in = k_idx < Lk
-        kp = k_base + k_idx[:, None] * skn
-        k1 = tl.load(kp + dh[None, :], mask=k_in[:, None], other=0.0)
-        k2 = tl.load(kp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
-        if ROTARY:
-            c = tl.load(COS + (slot - n + WIDTH) * HALF + dh)[None, :]
-            s = tl.load(SIN + (slot - n + WIDTH) * HALF + dh)[None, :]
-            k1, k2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
-            k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)
+        k1, k2 = _key_block(k_base, k_idx, k_in, skn, COS, SIN, slot - n + WIDTH, HALF, ROTARY)
         qk = _dot_t(q1, q2, k1, k2, DOT) * qk_scale
         if TOKEN_MASK or slot == n - 1:
             ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
             qk = tl.where(ok, qk, float("-inf"))
         p = tl.math.exp2(qk - lse[:, None])
-        vp = v_base + k_idx[:, None] * skn
-        v1 = tl.load(vp + dh[None, :], mask=k_in[:, None], other=0.0)
-        v2 = tl.load(vp + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+        v1, v2 = _load_halves(v_base, k_idx, k_in, skn, HALF)
         dp = _dot_t(do1, do2, v1, v2, DOT)
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
         dq1 += tl.dot(ds, k1, input_precision=DOT)
@@ -213,10 +210,8 @@ def _dkv_kernel(
     k_idx = j * BLOCK + t
     k_in = k_idx < Lk
     koff = b * skb + hk * skh + k_idx[:, None] * skn
-    k1 = tl.load(K + koff + dh[None, :], mask=k_in[:, None], other=0.0)
-    k2 = tl.load(K + koff + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
-    v1 = tl.load(V + koff + dh[None, :], mask=k_in[:, None], other=0.0)
-    v2 = tl.load(V + koff + HALF + dh[None, :], mask=k_in[:, None], other=0.0)
+    k1, k2 = _load_halves(K + b * skb + hk * skh, k_idx, k_in, skn, HALF)
+    v1, v2 = _load_halves(V + b * skb + hk * skh, k_idx, k_in, skn, HALF)
     dk1 = tl.zeros([BLOCK, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK, HALF], tl.float32)
     dv1 = tl.zeros([BLOCK, HALF], tl.float32)
@@ -231,11 +226,8 @@ def _dkv_kernel(
             q_idx = (START_BLOCK + m) * BLOCK + t
             q_row = q_idx - FIRST
             q_ok = (q_row >= 0) & (q_idx < Lk)
-            off = b * sqb + h * sqh + q_row[:, None] * sqm
-            q1 = tl.load(Q + off + dh[None, :], mask=q_ok[:, None], other=0.0)
-            q2 = tl.load(Q + off + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
-            do1 = tl.load(DO + off + dh[None, :], mask=q_ok[:, None], other=0.0)
-            do2 = tl.load(DO + off + HALF + dh[None, :], mask=q_ok[:, None], other=0.0)
+            q1, q2 = _load_halves(Q + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
+            do1, do2 = _load_halves(DO + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
             lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
             kk1 = k1
