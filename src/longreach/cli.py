@@ -1,14 +1,120 @@
-"""The ``longreach`` command line."""
+"""The ``longreach`` command line: evaluations of a model, baseline against extension methods."""
 
 from __future__ import annotations
 
-import time
+import re
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
 
 import click
 import torch
+from tqdm import tqdm
 
-from . import attention_methods, extend, position_schemes, restore
-from .models import tiny_model
+from . import attention_methods, position_schemes
+from .evals import report, setups
+from .evals.efficiency import efficiency
+from .evals.needle import needle
+from .evals.passkey import passkey
+from .evals.perplexity import perplexity
+
+DEFAULT_LENGTHS = "512,1k,2k,4k"
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"512,1k,2K,1m"`` -> [512, 1024, 2048, 1048576]."""
+    lengths = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", item)
+        if not match:
+            raise click.BadParameter(f"{item!r} is not a length like 512, 4k or 1m", param_hint="--lengths")
+        lengths.append(int(match.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()])
+    return lengths
+
+
+def parse_floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=name) from None
+
+
+def parse_options(items: tuple[str, ...]) -> dict:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        for convert in (int, float):
+            try:
+                value = convert(value)
+                break
+            except ValueError:
+                continue
+        options[key] = value
+    return options
+
+
+def load(spec: str, device: str):
+    from .hf import load_pretrained
+    from .reference_model import load_reference_model
+
+    return load_reference_model(device=device) if spec == "reference" else load_pretrained(spec, device=device)
+
+
+def setup_names(attention: str | None, position: str | None, compare: str | None) -> list[str]:
+    if compare is not None:
+        if attention or position:
+            raise click.UsageError("use either --compare or --attention/--position, not both")
+        return [s.strip() for s in compare.split(",")] if compare != "default" else list(setups.DEFAULT_COMPARISON)
+    return ["+".join(p for p in (attention, position) if p) or setups.BASELINE]
+
+
+def evaluation(kind: str, total: Callable[..., int]):
+    """Shared options and the loop over setups; the command body returns one setup's records."""
+
+    def decorate(run: Callable):
+        @click.option("--model", "model_spec", default="reference", show_default=True,
+                      help="'reference' (the shipped model) or a local Hugging Face checkpoint directory")
+        @click.option("--attention", default=None, help="attention method (see `longreach methods`)")
+        @click.option("--position", default=None, help="rotary position scheme (see `longreach methods`)")
+        @click.option("--factor", default=None, type=float,
+                      help="position rescaling factor [default: longest length / trained length]")
+        @click.option("--option", "options", multiple=True, help="method or scheme option KEY=VALUE (repeatable)")
+        @click.option("--compare", default=None,
+                      help="comma-separated setups (baseline, a method, a scheme or method+scheme), "
+                           f"or 'default' = {','.join(setups.DEFAULT_COMPARISON)}")
+        @click.option("--lengths", default=DEFAULT_LENGTHS, show_default=True, help="context lengths in tokens")
+        @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+        @click.option("--out", default="longreach_results", show_default=True, type=click.Path(path_type=Path),
+                      help="directory for the JSON records and the PNG plot")
+        @wraps(run)
+        def command(model_spec, attention, position, factor, options, compare, lengths, device, out, **kwargs):
+            names = setup_names(attention, position, compare)
+            lengths = parse_lengths(lengths)
+            extra = parse_options(options)
+            try:
+                for name in names:
+                    setups.parse(name)
+                model, tokenizer = load(model_spec, device)
+                records = []
+                with tqdm(total=total(lengths=lengths, **kwargs) * len(names), desc=kind, unit="trial"
+                          if kind in ("passkey", "needle") else "run") as bar:
+                    for name in names:
+                        bar.set_postfix_str(name)
+                        config = setups.apply(model, name, factor=factor, lengths=lengths, options=extra)
+                        for record in run(model, tokenizer, lengths=lengths, progress=bar.update, **kwargs):
+                            records.append({"setup": name, "factor": config.get("factor"), **record})
+            except ValueError as error:
+                raise click.UsageError(str(error)) from None
+            click.echo(report.table(kind, records))
+            json_path, png_path = report.save(kind, records, out, {"model": model_spec, "device": device,
+                                                                  "options": extra, "command": kind})
+            click.echo(f"wrote {json_path} and {png_path}")
+
+        return command
+
+    return decorate
 
 
 @click.group()
@@ -27,23 +133,58 @@ def methods() -> None:
         click.echo(f"  {name:<13} options: {', '.join(options)}")
 
 
-@main.command()
-@click.option("--length", default=1024, show_default=True, type=click.IntRange(2, 65536), help="tokens per forward")
+def _grid_total(lengths, depths, trials, **_) -> int:
+    return len(lengths) * len(parse_floats(depths, "--depths")) * trials
+
+
+@main.command(name="passkey")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True, help="needle depths in [0, 1]")
+@click.option("--trials", default=2, show_default=True, type=int, help="prompts per (length, depth) cell")
+@click.option("--batch-size", default=1, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
-def demo(length: int, seed: int) -> None:
-    """Smoke demo on a tiny random Llama: every method's forward against dense, on this machine."""
-    torch.manual_seed(seed)
-    model = tiny_model("llama")
-    ids = torch.randint(0, model.config.vocab_size, (1, length))
-    with torch.no_grad():
-        extend(model, attention="dense", position="yarn", factor=length / 256)
-        reference = model(ids).logits
-        click.echo(f"tiny random Llama, {length} tokens, yarn x{length / 256:g}; difference from dense logits")
-        click.echo(f"{'method':<13} {'max |diff|':>11} {'seconds':>8}")
-        for name in attention_methods():
-            extend(model, attention=name, position="yarn", factor=length / 256)
-            start = time.perf_counter()
-            logits = model(ids).logits
-            seconds = time.perf_counter() - start
-            click.echo(f"{name:<13} {(logits - reference).abs().max().item():>11.4f} {seconds:>8.3f}")
-    restore(model)
+@evaluation("passkey", _grid_total)
+def passkey_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, progress):
+    """Passkey retrieval accuracy over lengths x depths (baseline or extension methods)."""
+    return passkey(model, tokenizer, lengths, parse_floats(depths, "--depths"), trials=trials, seed=seed,
+                   batch_size=batch_size, progress=progress)
+
+
+def _texts(paths: tuple[Path, ...]) -> tuple[str, ...]:
+    from .reference_model import heldout_texts
+
+    return tuple(p.read_text(errors="replace") for p in paths) if paths else heldout_texts()
+
+
+@main.command(name="needle")
+@click.option("--depths", default="0.1,0.5,0.9", show_default=True, help="needle depths in [0, 1]")
+@click.option("--trials", default=2, show_default=True, type=int, help="prompts per (length, depth) cell")
+@click.option("--batch-size", default=1, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="haystack text file (repeatable) [default: the shipped held-out documents]")
+@evaluation("needle", _grid_total)
+def needle_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, texts, progress):
+    """Needle-in-a-haystack accuracy in real text over lengths x depths."""
+    return needle(model, tokenizer, lengths, parse_floats(depths, "--depths"), texts=_texts(texts), trials=trials,
+                  seed=seed, batch_size=batch_size, progress=progress)
+
+
+@main.command(name="perplexity")
+@click.option("--window", default=256, show_default=True, type=int, help="scored tokens at the end of each context")
+@click.option("--samples", default=4, show_default=True, type=int, help="segments of the longest length")
+@click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="document text file (repeatable) [default: the shipped held-out documents]")
+@evaluation("perplexity", lambda lengths, **_: len(lengths))
+def perplexity_command(model, tokenizer, *, lengths, window, samples, texts, progress):
+    """Perplexity of long held-out documents at each context length (same targets for every length)."""
+    return perplexity(model, tokenizer, lengths, texts=_texts(texts), window=window, samples=samples,
+                      progress=progress)
+
+
+@main.command(name="efficiency")
+@click.option("--forward-only", is_flag=True, help="skip the forward + backward measurement")
+@click.option("--repeats", default=3, show_default=True, type=int)
+@evaluation("efficiency", lambda lengths, forward_only, **_: len(lengths) * (1 if forward_only else 2))
+def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, progress):
+    """Time and peak memory of a forward (and forward + backward) pass on this device."""
+    return efficiency(model, lengths, backward=not forward_only, repeats=repeats, progress=progress)

@@ -12,6 +12,7 @@ position one more than slot j - 1, and the last slot holds the last query.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -233,3 +234,14 @@ def describe(model: PreTrainedModel) -> dict[str, Any] | None:
     if setup is None:
         return None
     return {"attention": setup.method, "options": setup.options, "position": setup.position}
+
+
+def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from a local Hugging Face checkpoint directory, the model in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"model path {str(path)!r} does not exist (or is not a checkpoint directory)")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)

@@ -33,11 +33,17 @@ def _dca_logits(rope: Rope, scale: float, chunk_size: int, chunk_len: int) -> Lo
         q_chunk, q_in = t.q_pos // chunk_len, t.q_pos % chunk_len
         k_chunk = t.k_pos // chunk_len
         k = t.k[0]
-        intra = dot(rope.rotate(t.q, q_in), k, scale)
-        successive = dot(rope.rotate(t.q, (q_in + chunk_len).clamp_max(chunk_size)), k, scale)
-        inter = dot(rope.rotate(t.q, torch.full_like(q_in, chunk_size)), k, scale)
-        gap = q_chunk[..., None] - k_chunk[..., None, :]
-        return torch.where(gap == 0, intra, torch.where(gap == 1, successive, inter))
+        out = dot(rope.rotate(t.q, torch.full_like(q_in, chunk_size)), k, scale)
+        # Columns two or more chunks before every row are inter-chunk only: skip the other two products.
+        near = (k_chunk >= q_chunk.min() - 1).flatten(0, -2).any(0).nonzero()
+        if near.numel():
+            start = int(near.min())
+            k_near = k[..., start:, :]
+            intra = dot(rope.rotate(t.q, q_in), k_near, scale)
+            successive = dot(rope.rotate(t.q, (q_in + chunk_len).clamp_max(chunk_size)), k_near, scale)
+            gap = q_chunk[..., None] - k_chunk[..., None, start:]
+            out[..., start:] = torch.where(gap == 0, intra, torch.where(gap == 1, successive, out[..., start:]))
+        return out
 
     return logits
 

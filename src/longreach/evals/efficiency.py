@@ -1,0 +1,63 @@
+"""Time and peak memory of a model's forward (and forward + backward) pass per attention method and length."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from .memory import PeakMemory
+from .retrieval import Progress
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(model, ids: torch.Tensor, backward: bool) -> None:
+    if backward:
+        out = model(input_ids=ids, logits_to_keep=1)
+        out.logits.float().sum().backward()
+        model.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            model(input_ids=ids, logits_to_keep=1)
+
+
+def measure(model, length: int, *, backward: bool, repeats: int = 3, seed: int = 0) -> dict:
+    """Median seconds over ``repeats`` timed runs (after one warm-up) and the peak extra memory of one run."""
+    if length < 1 or repeats < 1:
+        raise ValueError(f"length and repeats must be >= 1, got {length} and {repeats}")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)
+    _step(model, ids, backward)
+    with PeakMemory(device) as peak:
+        _step(model, ids, backward)
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        _step(model, ids, backward)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    return {"length": length, "mode": "forward+backward" if backward else "forward", "seconds": seconds,
+            "tokens_per_second": length / seconds, "peak_mib": None if peak.bytes is None else peak.bytes / 2**20,
+            "device": str(device)}
+
+
+def efficiency(model, lengths: Sequence[int], *, backward: bool = True, repeats: int = 3,
+               progress: Progress | None = None) -> list[dict]:
+    """Records of :func:`measure` for each length, forward and (with ``backward``) forward + backward."""
+    if not lengths or any(int(n) != n or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
+    records = []
+    for length in lengths:
+        for with_backward in (False, True) if backward else (False,):
+            records.append(measure(model, length, backward=with_backward, repeats=repeats))
+            if progress is not None:
+                progress(1)
+    return records

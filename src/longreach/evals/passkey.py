@@ -1,0 +1,17 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023): a random 5-digit key in repeated filler, asked for at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+from . import prompts
+from .retrieval import Progress, evaluate
+
+
+def passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], *, trials: int = 10, seed: int = 0,
+            batch_size: int = 8, progress: Progress | None = None) -> list[dict]:
+    """Records ``{length, depth, trials, correct, accuracy}``: ``length`` counts the prompt's tokens and
+    ``depth`` the share of filler before the key. A trial is right when the greedy answer is the key."""
+    return evaluate(model, tokenizer, partial(prompts.passkey, tokenizer), lengths, depths, trials=trials, seed=seed,
+                    batch_size=batch_size, progress=progress)

@@ -1,0 +1,118 @@
+"""Render evaluation records: a text table, a JSON file and a PNG plot per evaluation."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _grid(records: list[dict], value: str) -> tuple[list[str], list[int], dict]:
+    setups = list(dict.fromkeys(r["setup"] for r in records))
+    lengths = sorted({r["length"] for r in records})
+    cells: dict = defaultdict(list)
+    for r in records:
+        cells[r["setup"], r["length"]].append(r[value])
+    return setups, lengths, {key: sum(v) / len(v) for key, v in cells.items()}
+
+
+def _format(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def table(kind: str, records: list[dict]) -> str:
+    """A setups x lengths table: mean accuracy (passkey, needle), perplexity, or seconds and peak MiB."""
+    if kind == "efficiency":
+        rows = [f"{'setup':<18} {'length':>8} {'mode':<17} {'seconds':>9} {'tokens/s':>10} {'peak MiB':>9}"]
+        rows += [f"{r['setup']:<18} {r['length']:>8} {r['mode']:<17} {r['seconds']:>9.4f} "
+                 f"{r['tokens_per_second']:>10.0f} {_format(r['peak_mib'], '9.1f'):>9}" for r in records]
+        return "\n".join(rows)
+    value, fmt = ("perplexity", "8.2f") if kind == "perplexity" else ("accuracy", "8.2f")
+    setups, lengths, cells = _grid(records, value)
+    rows = [f"{kind} ({value}; rows: setups, columns: lengths in tokens)",
+            f"{'setup':<18}" + "".join(f"{n:>9}" for n in lengths)]
+    rows += [f"{s:<18}" + "".join(f" {_format(cells.get((s, n)), fmt)}" for n in lengths) for s in setups]
+    return "\n".join(rows)
+
+
+def _heatmaps(records: list[dict], title: str):
+    setups = list(dict.fromkeys(r["setup"] for r in records))
+    lengths = sorted({r["length"] for r in records})
+    depths = sorted({r["depth"] for r in records})
+    fig, axes = plt.subplots(1, len(setups), figsize=(2.2 + 1.6 * len(setups) * max(1, len(lengths) / 4), 3.2),
+                             squeeze=False, sharey=True)
+    lookup = {(r["setup"], r["length"], r["depth"]): r["accuracy"] for r in records}
+    for ax, setup in zip(axes[0], setups, strict=False):
+        grid = [[lookup.get((setup, n, d), float("nan")) for n in lengths] for d in depths]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths],
+                      rotation=45)
+        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_title(setup, fontsize=9)
+        ax.set_xlabel("length (tokens)")
+    axes[0][0].set_ylabel("depth")
+    fig.colorbar(image, ax=list(axes[0]), label="accuracy", shrink=0.8)
+    fig.suptitle(title)
+    return fig
+
+
+def _loss_curves(records: list[dict]):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    longest = max(r["length"] for r in records)
+    for r in records:
+        if r["length"] == longest:
+            positions, losses = zip(*r["position_loss"], strict=False)
+            ax.plot(positions, losses, label=r["setup"])
+    ax.set_xlabel(f"position (context of {longest} tokens)")
+    ax.set_ylabel("mean loss")
+    ax.set_title("loss per position")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _throughput(records: list[dict]):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for (setup, mode), rows in _by(records, ("setup", "mode")).items():
+        lengths = [r["length"] for r in rows]
+        axes[0].plot(lengths, [r["seconds"] for r in rows], marker="o", label=f"{setup} {mode}")
+        axes[1].plot(lengths, [r["peak_mib"] or 0 for r in rows], marker="o", label=f"{setup} {mode}")
+    for ax, label in zip(axes, ("seconds", "peak extra MiB"), strict=False):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("length (tokens)")
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def _by(records: list[dict], keys: tuple[str, ...]) -> dict:
+    groups: dict = defaultdict(list)
+    for r in records:
+        groups[tuple(r[k] for k in keys)].append(r)
+    return groups
+
+
+def plot(kind: str, records: list[dict], path: Path) -> None:
+    """Write the evaluation's figure (heatmaps, loss per position or time and memory) as PNG."""
+    if kind in ("passkey", "needle"):
+        fig = _heatmaps(records, f"{kind} retrieval accuracy")
+    elif kind == "perplexity":
+        fig = _loss_curves(records)
+    else:
+        fig = _throughput(records)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def save(kind: str, records: list[dict], out: Path, meta: dict) -> tuple[Path, Path]:
+    """Write ``out/<kind>.json`` (meta + records) and ``out/<kind>.png``."""
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{kind}.json", out / f"{kind}.png"
+    json_path.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    plot(kind, records, png_path)
+    return json_path, png_path

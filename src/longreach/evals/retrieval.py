@@ -1,0 +1,94 @@
+"""Retrieval grids (passkey, needle): accuracy per (length, depth) cell from greedy answers."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .prompts import Prompt, check_depth
+
+MakePrompt = Callable[[int, float, random.Random], Prompt]
+Progress = Callable[[int], None]
+
+
+@torch.no_grad()
+def greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy continuation of ``ids`` (b, L) for ``steps`` tokens through the model's KV cache: (b, steps)."""
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    tokens = [out.logits[:, -1].argmax(-1)]
+    for _ in range(steps - 1):
+        out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(tokens, 1)
+
+
+def answered(text: str, key: str) -> bool:
+    """Whether a generated continuation starts with exactly the key's digits."""
+    found = re.match(r"\s*(\d+)", text)
+    return found is not None and found.group(1) == key
+
+
+def check_grid(lengths: Sequence[int], depths: Sequence[float], trials: int, batch_size: int) -> None:
+    if not lengths or any(int(n) != n or n < 1 for n in lengths):
+        raise ValueError(f"lengths must be positive integers, got {list(lengths)}")
+    if not depths:
+        raise ValueError("depths must not be empty")
+    for depth in depths:
+        check_depth(depth)
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def check_vocabulary(model, tokenizer, prompt: Prompt) -> None:
+    """Reject a tokenizer whose ids the model cannot embed (a tokenizer of another model)."""
+    largest = max(prompt.ids + prompt.answer)
+    if largest >= model.config.vocab_size:
+        raise ValueError(f"tokenizer yields token id {largest} but the model's vocab_size is "
+                         f"{model.config.vocab_size}: the tokenizer does not belong to this model")
+
+
+def evaluate(model, tokenizer, make_prompt: MakePrompt, lengths: Sequence[int], depths: Sequence[float], *,
+             trials: int, seed: int = 0, batch_size: int = 8, progress: Progress | None = None) -> list[dict]:
+    """Accuracy of greedy answers over a grid: one record per (length, depth) with ``trials`` prompts.
+
+    Every prompt is built (and checked) before the model runs, so bad input fails at once. Cells use
+    their own seeded generators: a cell's prompts do not depend on the rest of the grid.
+    """
+    check_grid(lengths, depths, trials, batch_size)
+    cells = {}
+    for length in lengths:
+        for depth in depths:
+            rng = random.Random(f"{seed}/{length}/{depth}")
+            cells[length, depth] = [make_prompt(length, depth, rng) for _ in range(trials)]
+    check_vocabulary(model, tokenizer, next(iter(cells.values()))[0])
+    device = next(model.parameters()).device
+    records = []
+    for (length, depth), prompts in cells.items():
+        correct = 0
+        for start in range(0, trials, batch_size):
+            batch = prompts[start:start + batch_size]
+            ids = torch.tensor([p.ids for p in batch], device=device)
+            steps = max(len(p.answer) for p in batch) + 1
+            for prompt, row in zip(batch, greedy(model, ids, steps).tolist(), strict=False):
+                correct += answered(tokenizer.decode(row), prompt.key)
+            if progress is not None:
+                progress(len(batch))
+        records.append({"length": length, "depth": depth, "trials": trials, "correct": correct,
+                        "accuracy": correct / trials})
+    return records
+
+
+def haystack_ids(documents: Sequence[list[int]], length: int, rng: random.Random) -> list[int]:
+    """``length`` tokens of real text from a random place in a random document long enough to hold them."""
+    long = [doc for doc in documents if len(doc) >= length]
+    if not long:
+        longest = max((len(doc) for doc in documents), default=0)
+        raise ValueError(f"no haystack document holds {length} tokens (the longest holds {longest})")
+    chosen = rng.choice(long)
+    start = rng.randint(0, len(chosen) - length)
+    return chosen[start:start + length]

@@ -1,0 +1,39 @@
+"""The shipped reference model: a 12.6M-parameter Llama pretrained by longreach at 512 tokens.
+
+Its corpus (``corpus.py``), tokenizer (``tokenizer.py``), synthetic retrieval data (``data.py``) and
+training recipe (``train.py``) live beside it; ``weights/training.json`` records how it was trained
+and what it measured (loss curve, held-out perplexity, passkey accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import torch
+
+WEIGHTS = Path(__file__).parent / "weights"
+TRAIN_LENGTH = 512
+
+
+def load_reference_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)``: the reference ``LlamaForCausalLM`` in eval mode and its tokenizer.
+
+    The weights ship in bfloat16 and are loaded as ``dtype``."""
+    from ..hf import load_pretrained
+
+    return load_pretrained(WEIGHTS, dtype=dtype, device=device)
+
+
+@cache
+def heldout_texts() -> tuple[str, ...]:
+    """Long documents held out of the training corpus (8 documents of 120K+ characters, 5 sources)."""
+    from .corpus import read
+
+    return tuple(doc["text"] for doc in read(WEIGHTS / "evaluation.jsonl.xz"))
+
+
+def training_record() -> dict:
+    """What ``train.py`` recorded when it trained the shipped weights."""
+    return json.loads((WEIGHTS / "training.json").read_text())

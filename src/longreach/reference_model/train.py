@@ -1,0 +1,119 @@
+"""The reference model's pretraining recipe (run on the device GPU; about 10 minutes on an H100).
+
+``python -m longreach.reference_model.train CORPUS_DIR TOKENIZER_DIR OUT_DIR --minutes 6`` trains a
+small Llama (grouped-query attention, RoPE) at 512 tokens on the corpus mixed with synthetic
+passkey and needle prompts, then records held-out perplexity and passkey accuracy and saves the
+weights (bfloat16 safetensors) with the tokenizer and ``training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from ..evals.passkey import passkey
+from .corpus import read
+from .data import Batches, token_stream
+
+ARCHITECTURE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
+                    num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
+                    tie_word_embeddings=True, rms_norm_eps=1e-5)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def learning_rate(step: int, progress: float, peak: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to peak/10 over the time budget."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+@torch.no_grad()
+def heldout_loss(model, stream: np.ndarray, length: int, windows: int, batch: int) -> float:
+    """Mean next-token loss over ``windows`` disjoint windows of the held-out stream."""
+    count = min(windows, len(stream) // (length + 1))
+    rows = torch.from_numpy(stream[:count * (length + 1)].astype(np.int64)).view(count, length + 1)
+    total = 0.0
+    for start in range(0, count, batch):
+        chunk = rows[start:start + batch].to(DEVICE)
+        with torch.autocast(DEVICE, torch.bfloat16):
+            total += _loss(model, chunk).item() * len(chunk)
+    return total / count
+
+
+def _loss(model, rows: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=rows[:, :-1]).logits.float()
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
+
+
+def train(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    started = time.time()
+    stream = token_stream(tokenizer, (d["text"] for d in read(args.corpus / "train.jsonl.xz")))
+    heldout = token_stream(tokenizer, (d["text"] for d in read(args.corpus / "heldout.jsonl.xz")))
+    print(f"tokenised {len(stream):,} training and {len(heldout):,} held-out tokens in {time.time() - started:.0f} s",
+          flush=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **ARCHITECTURE)
+    model = LlamaForCausalLM(config).to(DEVICE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=DEVICE == "cuda")
+    batches = Batches(tokenizer, stream, ARCHITECTURE["max_position_embeddings"], args.retrieval, args.seed)
+    curve, step, start = [], 0, time.time()
+    while (elapsed := time.time() - start) < args.minutes * 60:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, elapsed / (args.minutes * 60), args.lr, args.warmup)
+        rows = batches(args.batch).to(DEVICE, non_blocking=True)
+        with torch.autocast(DEVICE, torch.bfloat16):
+            loss = _loss(model, rows)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 25 == 0:
+            curve.append({"step": step, "tokens": step * args.batch * batches.length, "seconds": round(elapsed, 1),
+                          "loss": round(loss.item(), 4)})
+            print(curve[-1], flush=True)
+        step += 1
+    model.eval()
+    loss = heldout_loss(model, heldout, batches.length, windows=2000, batch=64)
+    records = passkey(model, tokenizer, args.passkey_lengths, [0.0, 0.25, 0.5, 0.75, 1.0], trials=20,
+                      batch_size=20)
+    result = {"architecture": ARCHITECTURE, "parameters": sum(p.numel() for p in model.parameters()),
+              "steps": step, "batch": args.batch, "length": batches.length,
+              "tokens": step * args.batch * batches.length, "seconds": round(time.time() - start, 1),
+              "training_tokens_unique": int(len(stream)), "retrieval_share": args.retrieval, "peak_lr": args.lr,
+              "heldout_loss": loss, "heldout_perplexity": math.exp(loss), "passkey": records, "loss_curve": curve}
+    model.to(torch.bfloat16).save_pretrained(args.out, max_shard_size="15MB")
+    tokenizer.save_pretrained(args.out)
+    (args.out / "training.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("corpus", type=Path)
+    parser.add_argument("tokenizer", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--minutes", type=float, default=6.0)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--retrieval", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--passkey-lengths", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[128, 256, 512, 1024, 2048])
+    result = train(parser.parse_args())
+    print(json.dumps({k: v for k, v in result.items() if k != "loss_curve"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
