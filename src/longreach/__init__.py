@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from .attention import METHODS
 from .hf import POSITION_OPTIONS, describe, extend, restore
+from .reference_model import load_reference_model
 
-__all__ = ["attention_methods", "describe", "extend", "position_schemes", "restore"]
+__all__ = ["attention_methods", "describe", "extend", "load_reference_model", "position_schemes", "restore"]
 __version__ = "0.1.0"
 
 

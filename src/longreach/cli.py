@@ -55,11 +55,15 @@ def parse_options(items: tuple[str, ...]) -> dict:
     return options
 
 
-def load(spec: str, device: str):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(spec: str, device: str, dtype: str):
     from .hf import load_pretrained
     from .reference_model import load_reference_model
 
-    return load_reference_model(device=device) if spec == "reference" else load_pretrained(spec, device=device)
+    kwargs = {"device": device, "dtype": DTYPES[dtype]}
+    return load_reference_model(**kwargs) if spec == "reference" else load_pretrained(spec, **kwargs)
 
 
 def setup_names(attention: str | None, position: str | None, compare: str | None) -> list[str]:
@@ -86,17 +90,19 @@ def evaluation(kind: str, total: Callable[..., int]):
                            f"or 'default' = {','.join(setups.DEFAULT_COMPARISON)}")
         @click.option("--lengths", default=DEFAULT_LENGTHS, show_default=True, help="context lengths in tokens")
         @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+        @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
         @click.option("--out", default="longreach_results", show_default=True, type=click.Path(path_type=Path),
                       help="directory for the JSON records and the PNG plot")
         @wraps(run)
-        def command(model_spec, attention, position, factor, options, compare, lengths, device, out, **kwargs):
+        def command(model_spec, attention, position, factor, options, compare, lengths, device, dtype, out,
+                    **kwargs):
             names = setup_names(attention, position, compare)
             lengths = parse_lengths(lengths)
             extra = parse_options(options)
             try:
                 for name in names:
                     setups.parse(name)
-                model, tokenizer = load(model_spec, device)
+                model, tokenizer = load(model_spec, device, dtype)
                 records = []
                 with tqdm(total=total(lengths=lengths, **kwargs) * len(names), desc=kind, unit="trial"
                           if kind in ("passkey", "needle") else "run") as bar:
@@ -109,7 +115,7 @@ def evaluation(kind: str, total: Callable[..., int]):
                 raise click.UsageError(str(error)) from None
             click.echo(report.table(kind, records))
             json_path, png_path = report.save(kind, records, out, {"model": model_spec, "device": device,
-                                                                  "options": extra, "command": kind})
+                                                                  "dtype": dtype, "options": extra, "command": kind})
             click.echo(f"wrote {json_path} and {png_path}")
 
         return command

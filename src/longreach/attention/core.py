@@ -19,6 +19,8 @@ from ..positions import Rope
 
 # A chunk of query blocks is sized so that its score tile stays under this many elements.
 TILE_ELEMENTS = 1 << 20
+# A GPU runs each tile's few dozen kernels in microseconds, so small tiles leave it launch-bound.
+TILE_ELEMENTS_CUDA = 1 << 24
 # Keys are rotated this many positions at a time, so rotation temporaries stay small.
 ROTATE_CHUNK = 4096
 
@@ -177,9 +179,10 @@ def blocked_attention(
     group = check_shapes(q, keys[0], v)
     keys, v = tuple(repeat_kv(k, group) for k in keys), repeat_kv(v, group)
     device = q.device
+    tile_elements = TILE_ELEMENTS_CUDA if device.type == "cuda" else TILE_ELEMENTS
     B = block_size
     if key_blocks is None:  # rows play no role in a dense span: take as many as fit one tile
-        B = max(1, min(block_size, TILE_ELEMENTS // (batch * heads * k_len)))
+        B = max(1, min(block_size, tile_elements // (batch * heads * k_len)))
     first = k_len - q_len
     start_block, end_block = first // B, (k_len - 1) // B + 1
     n_q_blocks = end_block - start_block
@@ -197,7 +200,7 @@ def blocked_attention(
     key_index[k_len:] = -1
     columns = k_len if key_blocks is None else key_blocks.shape[-1] * B
     per_block = batch * heads * B * max(columns, 1)
-    chunk = max(1, TILE_ELEMENTS // per_block)
+    chunk = max(1, tile_elements // per_block)
     out = q.new_empty(batch, heads, n_q_blocks, B, dim)
     for lo in range(0, n_q_blocks, chunk):
         hi = min(lo + chunk, n_q_blocks)

@@ -27,13 +27,22 @@ def _step(model, ids: torch.Tensor, backward: bool) -> None:
 
 
 def measure(model, length: int, *, backward: bool, repeats: int = 3, seed: int = 0) -> dict:
-    """Median seconds over ``repeats`` timed runs (after one warm-up) and the peak extra memory of one run."""
+    """Median seconds over ``repeats`` timed runs (after one warm-up) and the peak extra memory of one run.
+
+    A run that does not fit on the device is recorded with ``error: "out of memory"`` and no timings."""
     if length < 1 or repeats < 1:
         raise ValueError(f"length and repeats must be >= 1, got {length} and {repeats}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, length), generator=generator).to(device)
-    _step(model, ids, backward)
+    mode = "forward+backward" if backward else "forward"
+    try:
+        _step(model, ids, backward)
+    except torch.OutOfMemoryError:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return {"length": length, "mode": mode, "seconds": None, "tokens_per_second": None, "peak_mib": None,
+                "device": str(device), "error": "out of memory"}
     with PeakMemory(device) as peak:
         _step(model, ids, backward)
     times = []
@@ -44,7 +53,7 @@ def measure(model, length: int, *, backward: bool, repeats: int = 3, seed: int =
         _synchronize(device)
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    return {"length": length, "mode": "forward+backward" if backward else "forward", "seconds": seconds,
+    return {"length": length, "mode": mode, "seconds": seconds,
             "tokens_per_second": length / seconds, "peak_mib": None if peak.bytes is None else peak.bytes / 2**20,
             "device": str(device)}
 

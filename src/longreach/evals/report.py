@@ -29,8 +29,9 @@ def table(kind: str, records: list[dict]) -> str:
     """A setups x lengths table: mean accuracy (passkey, needle), perplexity, or seconds and peak MiB."""
     if kind == "efficiency":
         rows = [f"{'setup':<18} {'length':>8} {'mode':<17} {'seconds':>9} {'tokens/s':>10} {'peak MiB':>9}"]
-        rows += [f"{r['setup']:<18} {r['length']:>8} {r['mode']:<17} {r['seconds']:>9.4f} "
-                 f"{r['tokens_per_second']:>10.0f} {_format(r['peak_mib'], '9.1f'):>9}" for r in records]
+        rows += [f"{r['setup']:<18} {r['length']:>8} {r['mode']:<17} {_format(r['seconds'], '9.4f'):>9} "
+                 f"{_format(r['tokens_per_second'], '10.0f'):>10} {_format(r['peak_mib'], '9.1f'):>9}"
+                 for r in records]
         return "\n".join(rows)
     value, fmt = ("perplexity", "8.2f") if kind == "perplexity" else ("accuracy", "8.2f")
     setups, lengths, cells = _grid(records, value)
@@ -40,23 +41,29 @@ def table(kind: str, records: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def _heatmaps(records: list[dict], title: str):
+def _heatmaps(records: list[dict], title: str, columns: int = 5):
     setups = list(dict.fromkeys(r["setup"] for r in records))
     lengths = sorted({r["length"] for r in records})
     depths = sorted({r["depth"] for r in records})
-    fig, axes = plt.subplots(1, len(setups), figsize=(2.2 + 1.6 * len(setups) * max(1, len(lengths) / 4), 3.2),
-                             squeeze=False, sharey=True)
+    ncols = min(columns, len(setups))
+    nrows = -(-len(setups) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(0.6 + 0.45 * len(lengths) * ncols, 0.4 + 2.6 * nrows),
+                             squeeze=False, sharey=True, constrained_layout=True)
     lookup = {(r["setup"], r["length"], r["depth"]): r["accuracy"] for r in records}
-    for ax, setup in zip(axes[0], setups, strict=False):
+    for ax in axes.flat[len(setups):]:
+        ax.set_visible(False)
+    for ax, setup in zip(axes.flat, setups, strict=False):
         grid = [[lookup.get((setup, n, d), float("nan")) for n in lengths] for d in depths]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths],
                       rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
         ax.set_title(setup, fontsize=9)
+    for ax in axes[-1]:
         ax.set_xlabel("length (tokens)")
-    axes[0][0].set_ylabel("depth")
-    fig.colorbar(image, ax=list(axes[0]), label="accuracy", shrink=0.8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("depth")
+    fig.colorbar(image, ax=axes, label="accuracy", shrink=0.8)
     fig.suptitle(title)
     return fig
 
@@ -78,9 +85,10 @@ def _loss_curves(records: list[dict]):
 def _throughput(records: list[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for (setup, mode), rows in _by(records, ("setup", "mode")).items():
+        rows = [r for r in rows if r["seconds"] is not None]
         lengths = [r["length"] for r in rows]
         axes[0].plot(lengths, [r["seconds"] for r in rows], marker="o", label=f"{setup} {mode}")
-        axes[1].plot(lengths, [r["peak_mib"] or 0 for r in rows], marker="o", label=f"{setup} {mode}")
+        axes[1].plot(lengths, [r["peak_mib"] or float("nan") for r in rows], marker="o", label=f"{setup} {mode}")
     for ax, label in zip(axes, ("seconds", "peak extra MiB"), strict=False):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
