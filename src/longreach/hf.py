@@ -77,7 +77,8 @@ def _attention(name: str):
             position_ids = torch.arange(k_len - q_len, k_len, device=query.device)
         query_pos = position_ids.expand(batch, q_len)
         key_mask = None if attention_mask is None else attention_mask[:, -k_len:]
-        key_pos = _key_positions(query_pos, k_len)
+        # Without a cache the keys are the queries: their ids may be any (e.g. cyclic CRD-NTK) positions.
+        key_pos = query_pos if q_len == k_len else _key_positions(query_pos, k_len)
         where = Positions(query_pos, key_pos, key_mask)
         options = dict(setup.options) if setup is not None else {}
         if name == "dense" and kwargs.get("sliding_window") is not None:

@@ -1,0 +1,101 @@
+"""The fine-tuning loop: chunked loss, gradient accumulation, CRD-NTK per step, resumable checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..loss import token_losses
+from .recipe import FinetuneConfig, configure, crd_sampler, trainable_parameters
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _autocast(base: torch.nn.Module, device: torch.device):
+    frozen = next((p.dtype for p in base.parameters() if not p.requires_grad), torch.float32)
+    if frozen in (torch.bfloat16, torch.float16):
+        return torch.autocast(device.type, dtype=frozen)
+    return nullcontext()
+
+
+def sequence_loss(base: torch.nn.Module, rows: torch.Tensor, position_ids: torch.Tensor | None,
+                  chunk: int) -> torch.Tensor:
+    """Mean next-token loss of ``rows`` (b, L + 1); the (b, L, vocab) logits never exist at once."""
+    hidden = base.get_decoder()(input_ids=rows[:, :-1], position_ids=position_ids).last_hidden_state
+    return token_losses(hidden, base.get_output_embeddings(), rows[:, 1:], chunk).mean()
+
+
+def _rows_for(step: int, micro: int, config: FinetuneConfig, order: torch.Tensor) -> torch.Tensor:
+    start = ((step * config.accumulation + micro) * config.batch_size) % len(order)
+    return order[torch.arange(start, start + config.batch_size) % len(order)]
+
+
+def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig, *, out: Path | None = None,
+             save_every: int = 0, progress: bool = True) -> list[dict]:
+    """Train the trainable parameters of ``model`` (from :func:`prepare`) on ``rows`` (n, length + 1).
+
+    Rows are visited in a seeded order; with ``out`` a checkpoint (trainable weights, optimizer, step,
+    history) is written every ``save_every`` steps and at the end, and an existing one is resumed.
+    Returns one record per step: loss, learning rate, CRD-NTK factor, tokens/s.
+    """
+    if rows.ndim != 2 or rows.shape[1] != config.length + 1:
+        raise ValueError(f"rows must be (n, length + 1) = (n, {config.length + 1}), got {tuple(rows.shape)}")
+    base = model.get_base_model()
+    device = next(model.parameters()).device
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
+    history: list[dict] = []
+    if out is not None and (out / CHECKPOINT).exists():
+        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        for name, tensor in state["params"].items():
+            params[name].data.copy_(tensor)
+        optimizer.load_state_dict(state["optimizer"])
+        history = state["history"]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
+    sampler = crd_sampler(base, config)
+    draws = itertools.islice(iter(sampler), len(history), None) if sampler else None
+    model.train()
+    bar = tqdm(range(len(history), config.steps), disable=not progress, desc="finetune", unit="step")
+    for step in bar:
+        started = time.perf_counter()
+        position_ids, factor = None, None
+        if draws is not None:
+            draw = next(draws)
+            factor = draw.factor
+            configure(base, config, factor)
+            position_ids = draw.positions(config.length).to(device)[None]
+        lr = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(config.accumulation):
+            batch = rows[_rows_for(step, micro, config, order)].to(device)
+            with _autocast(base, device):
+                loss = sequence_loss(base, batch, position_ids, config.loss_chunk) / config.accumulation
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        tokens = config.accumulation * config.batch_size * config.length
+        history.append({"step": step, "loss": total, "lr": lr, "factor": factor, "seconds": seconds,
+                        "tokens_per_second": tokens / seconds})
+        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / seconds:,.0f}")
+        if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == config.steps):
+            _save(out, params, optimizer, history)
+    model.eval()
+    return history
+
+
+def _save(out: Path, params: dict, optimizer: torch.optim.Optimizer, history: list[dict]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"params": {n: p.detach().cpu() for n, p in params.items()}, "optimizer": optimizer.state_dict(),
+             "history": history}
+    torch.save(state, out / (CHECKPOINT + ".tmp"))
+    (out / (CHECKPOINT + ".tmp")).replace(out / CHECKPOINT)

@@ -1,0 +1,98 @@
+"""The fine-tuning configuration and the model preparation it implies (peft LoRA, trainable parts)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..hf import extend
+from ..positions import CRDNTK
+
+CRD_NTK = "crd_ntk"
+
+
+@dataclass
+class FinetuneConfig:
+    """What to train and how. ``position="crd_ntk"`` draws an NTK factor and cyclic position offset
+    per step (:class:`longreach.positions.CRDNTK`, period = max_factor x the model's trained length)."""
+
+    length: int
+    steps: int
+    attention: str = "select_merge"
+    attention_options: dict = field(default_factory=dict)
+    position: str | None = CRD_NTK
+    factor: float | None = None
+    max_factor: float = 16.0
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    trainable: tuple[str, ...] = ("embed", "norm")
+    learning_rate: float = 2e-5
+    warmup: int = 20
+    batch_size: int = 1
+    accumulation: int = 1
+    checkpointing: bool = True
+    loss_chunk: int = 1024
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("length", "steps", "batch_size", "accumulation", "lora_rank", "loss_chunk"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+
+
+def _position_kwargs(config: FinetuneConfig, trained: int, factor: float | None) -> dict:
+    if config.position is None:
+        return {}
+    if config.position == CRD_NTK:
+        return {"position": "ntk", "factor": factor or 1.0}
+    if config.position == "truncated":
+        return {"position": "truncated"}
+    return {"position": config.position, "factor": config.factor or max(1.0, config.length / trained)}
+
+
+def configure(base: nn.Module, config: FinetuneConfig, factor: float | None = None) -> None:
+    """(Re)apply the attention method and position scheme to the un-wrapped model; a fixed scheme's
+    factor defaults to training length / trained length, CRD-NTK's is the step's draw."""
+    position = _position_kwargs(config, base.config.max_position_embeddings, factor)
+    extend(base, attention=config.attention, **position, **config.attention_options)
+
+
+def crd_sampler(base: nn.Module, config: FinetuneConfig) -> CRDNTK | None:
+    if config.position != CRD_NTK:
+        return None
+    cfg = base.config
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    base_freq = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    period = int(config.max_factor * cfg.max_position_embeddings)  # the range the NTK factors are drawn to cover
+    return CRDNTK(dim=dim, base=float(base_freq), period=period, max_factor=config.max_factor,
+                  growth_steps=max(1, config.steps), seed=config.seed)
+
+
+def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
+    """Configure ``model`` for long context, wrap it with LoRA adapters (peft) on ``lora_targets`` and
+    make the parameters named by ``trainable`` (embeddings, norms) trainable too. Returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    configure(model, config)
+    if config.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    for name, param in peft_model.named_parameters():
+        if any(part in name for part in config.trainable):
+            param.requires_grad_(True)
+            param.data = param.data.float()
+    return peft_model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}

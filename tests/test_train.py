@@ -1,0 +1,74 @@
+"""The fine-tuning recipe on tiny random models: what trains, what stays frozen, resumption, the loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longreach import attention_methods
+from longreach.models import tiny_model
+from longreach.train import FinetuneConfig, finetune, prepare
+from longreach.train.loop import sequence_loss
+
+
+def _run(attention: str, position: str | None, steps: int = 2, **kwargs):
+    torch.manual_seed(0)
+    model = tiny_model("llama", max_position=64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = FinetuneConfig(length=128, steps=steps, attention=attention, position=position, learning_rate=1e-2,
+                            warmup=0, batch_size=2, accumulation=2, loss_chunk=32, **kwargs)
+    peft_model = prepare(model, config)
+    rows = torch.randint(1, 128, (6, 129))
+    return before, peft_model, finetune(peft_model, rows, config, progress=False)
+
+
+def _changed(peft_model, before):
+    after = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in peft_model.named_parameters()}
+    return {n for n, p in before.items() if not torch.equal(p, after[n].to(p.dtype))}, after
+
+
+@pytest.mark.parametrize("attention", list(attention_methods()))
+@pytest.mark.parametrize("position", ["crd_ntk", "yarn"])
+def test_two_steps_train_only_lora_embeddings_and_norms(attention, position):
+    before, peft_model, history = _run(attention, position)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    changed, after = _changed(peft_model, before)
+    assert changed == {n for n in before if "embed" in n or "norm" in n}
+    lora = [p for n, p in after.items() if "lora_B" in n]
+    assert lora and all(p.abs().sum() > 0 for p in lora)  # lora_B starts at zero: it moved
+    if position == "crd_ntk":
+        assert all(h["factor"] >= 1.0 for h in history)
+
+
+def _dense_run(steps: int, out=None) -> list[dict]:
+    torch.manual_seed(0)  # the same rows and the same frozen weights in every run
+    rows = torch.randint(1, 128, (4, 65))
+    config = FinetuneConfig(length=64, steps=steps, attention="dense", position=None, learning_rate=1e-2, warmup=0)
+    return finetune(prepare(tiny_model("llama", max_position=64), config), rows, config, out=out, progress=False)
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path):
+    full = _dense_run(3)
+    _dense_run(2, out=tmp_path)
+    resumed = _dense_run(3, out=tmp_path)
+    assert [h["step"] for h in resumed] == [0, 1, 2]
+    assert resumed[2]["loss"] == pytest.approx(full[2]["loss"], rel=1e-6)
+    assert resumed[2]["loss"] != pytest.approx(_dense_run(1)[0]["loss"], rel=1e-6)
+
+
+def test_chunked_sequence_loss_equals_the_models_own_loss():
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    rows = torch.randint(0, 128, (2, 50))
+    with torch.no_grad():
+        ours = sequence_loss(model, rows, None, chunk=7)
+        full = torch.nn.functional.cross_entropy(model(input_ids=rows[:, :-1]).logits.flatten(0, 1),
+                                                 rows[:, 1:].flatten())
+    torch.testing.assert_close(ours, full)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"length": 0}, "length must be >= 1"),
+                                                 ({"learning_rate": 0}, "learning_rate must be > 0")])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(**({"length": 64, "steps": 1} | kwargs))
