@@ -71,6 +71,9 @@ def _attention(name: str):
                   scaling: float | None = None, dropout: float = 0.0, position_ids: Tensor | None = None,
                   **kwargs: Any) -> tuple[Tensor, None]:
         setup: Setup | None = getattr(module, "_longreach", None)
+        # The identity rotary multiplies q and k by float32 ones when the residual stream is float32
+        # (trainable fp32 embeddings beside bf16 weights under autocast): that upcast is exact, undo it.
+        query, key = query.to(value.dtype), key.to(value.dtype)
         batch, _, q_len, _ = query.shape
         k_len = key.shape[2]
         if position_ids is None:

@@ -324,7 +324,9 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse, table, count, cos, sin = ctx.saved_tensors
-        grad = grad.contiguous()
+        # Mixed-precision graphs (fp32 adapters beside bf16 weights) can hand back a gradient in
+        # another dtype than the output's; the kernels need the inputs' dtype throughout.
+        grad = grad.to(q.dtype).contiguous()
         b, h, q_len, d = q.shape
         h_kv, k_len = k.shape[1], k.shape[2]
         block, first, scale = ctx.block, k_len - q_len, ctx.scale
@@ -390,6 +392,8 @@ def block_sparse_attention(
         first = k.shape[2] - q.shape[2]
         q = turn_within_blocks(q, first, block_size, inv_freq, rotary_scaling)
         k = turn_within_blocks(k, 0, block_size, inv_freq, rotary_scaling)
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"block-sparse kernel: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rule = (int(sink), int(window), int(group), int(shift))
     return _BlockSparseAttention.apply(q, k, v, table, count, block_size, scale, cos, sin, rule)

@@ -86,11 +86,16 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     model.config.use_cache = False
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                       target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
+    compute_dtype = next(model.parameters()).dtype
     peft_model = get_peft_model(model, lora)
     for name, param in peft_model.named_parameters():
         if any(part in name for part in config.trainable):
             param.requires_grad_(True)
             param.data = param.data.float()
+    if compute_dtype != torch.float32:
+        # float32 master embeddings would otherwise make the residual stream, and so every
+        # checkpointed activation, float32: twice the memory of a bf16 model.
+        model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.to(compute_dtype))
     return peft_model
 
 
