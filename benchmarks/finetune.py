@@ -34,10 +34,10 @@ def build() -> torch.nn.Module:
     return prepare(model, FinetuneConfig(length=1, steps=1, attention="dense", position=None))
 
 
-def step(model, method: str, length: int) -> dict:
+def step(model, method: str, length: int, offload: bool) -> dict:
     base = model.get_base_model()
     config = FinetuneConfig(length=length, steps=1, attention="dense" if method == "dense" else method,
-                            position=None, warmup=0)
+                            position=None, warmup=0, offload_activations=offload)
     if method == "dense":
         restore(base)
     else:
@@ -50,30 +50,33 @@ def step(model, method: str, length: int) -> dict:
         history = finetune(model, rows, config, progress=False)
     except torch.OutOfMemoryError:
         model.zero_grad(set_to_none=True)
-        return {"method": method, "length": length, "error": "out of memory"}
+        return {"method": method, "length": length, "offload": offload, "error": "out of memory"}
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    return {"method": method, "length": length, "step_seconds": seconds, "tokens_per_second": length / seconds,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "loss": history[0]["loss"]}
+    return {"method": method, "length": length, "offload": offload, "step_seconds": seconds,
+            "tokens_per_second": length / seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "loss": history[0]["loss"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--methods", default="dense,select_merge,s2,sf")
     parser.add_argument("--lengths", default="16k,32k,64k,128k")
+    parser.add_argument("--offload", action="store_true", help="offload saved activations to host memory")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     model = build()
     lengths = parse_lengths(args.lengths)
     records = []
     for method in args.methods.split(","):
-        step(model, method, min(lengths))  # warm-up: autotuning and allocator
+        step(model, method, min(lengths), args.offload)  # warm-up: autotuning and allocator
         for length in lengths:
-            records.append(step(model, method, length))
+            records.append(step(model, method, length, args.offload))
             print(json.dumps(records[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
-    (args.out / f"finetune_{args.methods.replace(',', '_')}.json").write_text(
+    name = args.methods.replace(",", "_") + ("_offload" if args.offload else "")
+    (args.out / f"finetune_{name}.json").write_text(
         json.dumps({"device": device, "model": LLAMA2_7B, "records": records}, indent=1) + "\n")
 
 

@@ -56,6 +56,17 @@ def test_resume_continues_from_the_checkpoint(tmp_path):
     assert resumed[2]["loss"] != pytest.approx(_dense_run(1)[0]["loss"], rel=1e-6)
 
 
+def test_offloaded_activations_give_the_same_step():
+    def run(offload: bool) -> float:
+        torch.manual_seed(0)
+        rows = torch.randint(1, 128, (4, 65))
+        config = FinetuneConfig(length=64, steps=2, attention="select_merge", position=None, learning_rate=1e-2,
+                                warmup=0, offload_activations=offload)
+        return finetune(prepare(tiny_model("llama", max_position=64), config), rows, config, progress=False)[1]["loss"]
+
+    assert run(True) == pytest.approx(run(False), rel=1e-6)
+
+
 def test_chunked_sequence_loss_equals_the_models_own_loss():
     torch.manual_seed(0)
     model = tiny_model("llama")

@@ -23,10 +23,20 @@ def _autocast(base: torch.nn.Module, device: torch.device):
     return nullcontext()
 
 
+def _offload(config: FinetuneConfig, device: torch.device):
+    if not config.offload_activations:
+        return nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+
+
 def sequence_loss(base: torch.nn.Module, rows: torch.Tensor, position_ids: torch.Tensor | None,
-                  chunk: int) -> torch.Tensor:
-    """Mean next-token loss of ``rows`` (b, L + 1); the (b, L, vocab) logits never exist at once."""
-    hidden = base.get_decoder()(input_ids=rows[:, :-1], position_ids=position_ids).last_hidden_state
+                  chunk: int, offload=None) -> torch.Tensor:
+    """Mean next-token loss of ``rows`` (b, L + 1); the (b, L, vocab) logits never exist at once.
+
+    ``offload`` (a saved-tensor hooks context) covers the decoder only: the loss's own checkpointed
+    chunks must keep their saved tensors where they were made."""
+    with offload or nullcontext():
+        hidden = base.get_decoder()(input_ids=rows[:, :-1], position_ids=position_ids).last_hidden_state
     return token_losses(hidden, base.get_output_embeddings(), rows[:, 1:], chunk).mean()
 
 
@@ -76,7 +86,8 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
         for micro in range(config.accumulation):
             batch = rows[_rows_for(step, micro, config, order)].to(device)
             with _autocast(base, device):
-                loss = sequence_loss(base, batch, position_ids, config.loss_chunk) / config.accumulation
+                loss = sequence_loss(base, batch, position_ids, config.loss_chunk, _offload(config, device))
+                loss = loss / config.accumulation
             loss.backward()
             total += loss.item()
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)

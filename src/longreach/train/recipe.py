@@ -16,7 +16,9 @@ CRD_NTK = "crd_ntk"
 @dataclass
 class FinetuneConfig:
     """What to train and how. ``position="crd_ntk"`` draws an NTK factor and cyclic position offset
-    per step (:class:`longreach.positions.CRDNTK`, period = max_factor x the model's trained length)."""
+    per step (:class:`longreach.positions.CRDNTK`, period = max_factor x the model's trained length).
+    ``offload_activations`` keeps the tensors saved for backward (with checkpointing: each layer's
+    input) in pinned host memory, so GPU memory no longer grows with layers x length."""
 
     length: int
     steps: int
@@ -34,6 +36,7 @@ class FinetuneConfig:
     batch_size: int = 1
     accumulation: int = 1
     checkpointing: bool = True
+    offload_activations: bool = False
     loss_chunk: int = 1024
     seed: int = 0
 
