@@ -83,3 +83,21 @@ def test_chunked_sequence_loss_equals_the_models_own_loss():
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FinetuneConfig(**({"length": 64, "steps": 1} | kwargs))
+
+
+def test_cli_finetune_runs_and_resumes(tmp_path):
+    from click.testing import CliRunner
+
+    from longreach.cli import main
+
+    text = tmp_path / "doc.txt"
+    text.write_text("The grass is green. The sky is blue. " * 400)
+    args = ["finetune", "--data", str(text), "--length", "256", "--attention", "s2", "--lr", "1e-3",
+            "--out", str(tmp_path / "run")]
+    first = CliRunner().invoke(main, [*args, "--steps", "1"])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(main, [*args, "--steps", "2"])
+    assert second.exit_code == 0 and "2 steps" in second.output, second.output
+    bad = CliRunner().invoke(main, ["finetune", "--data", str(text), "--length", "100000", "--steps", "1",
+                                    "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "fewer than one row" in bad.output

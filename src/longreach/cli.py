@@ -194,3 +194,43 @@ def perplexity_command(model, tokenizer, *, lengths, window, samples, texts, pro
 def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, progress):
     """Time and peak memory of a forward (and forward + backward) pass on this device."""
     return efficiency(model, lengths, backward=not forward_only, repeats=repeats, progress=progress)
+
+
+@main.command(name="finetune")
+@click.option("--model", "model_spec", default="reference", show_default=True,
+              help="'reference' or a local Hugging Face checkpoint directory")
+@click.option("--data", "data", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="training text file (repeatable); documents are packed into rows")
+@click.option("--length", required=True, type=click.IntRange(min=1), help="tokens per training row")
+@click.option("--steps", required=True, type=click.IntRange(min=1))
+@click.option("--attention", default="select_merge", show_default=True)
+@click.option("--position", default="crd_ntk", show_default=True, help="a position scheme, crd_ntk or 'none'")
+@click.option("--lr", default=2e-5, show_default=True, type=float)
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--accumulation", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--offload", is_flag=True, help="keep checkpointed activations in host memory")
+@click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
+@click.option("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", show_default=True,
+              type=click.Choice(list(DTYPES)))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="checkpoint and history directory")
+def finetune_command(model_spec, data, length, steps, attention, position, lr, batch_size, accumulation, save_every,
+                     offload, device, dtype, out):
+    """Fine-tune at a long context (LoRA + embeddings + norms); resumes from OUT's checkpoint."""
+    import json
+
+    from .train import FinetuneConfig, finetune, prepare
+    from .train.data import pack
+
+    try:
+        config = FinetuneConfig(length=length, steps=steps, attention=attention, learning_rate=lr,
+                                position=None if position == "none" else position, batch_size=batch_size,
+                                accumulation=accumulation, offload_activations=offload)
+        model, tokenizer = load(model_spec, device, dtype)
+        rows = pack(tokenizer, (p.read_text(errors="replace") for p in data), length)
+        history = finetune(prepare(model, config), rows, config, out=out, save_every=save_every)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+    click.echo(f"{len(history)} steps, last loss {history[-1]['loss']:.4f}; wrote {out}")
