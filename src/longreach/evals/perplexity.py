@@ -14,7 +14,7 @@ import torch
 
 from ..loss import token_losses
 from .prompts import encode
-from .retrieval import Progress
+from .retrieval import Progress, check_token_ids
 
 
 def segments(tokenizer, texts: Sequence[str], length: int, samples: int) -> torch.Tensor:
@@ -49,10 +49,7 @@ def perplexity(model, tokenizer, lengths: Sequence[int], *, texts: Sequence[str]
     if samples < 1 or bins < 1:
         raise ValueError(f"samples and bins must be >= 1, got {samples} and {bins}")
     data = segments(tokenizer, texts, max(lengths) + 1, samples)
-    largest = int(data.max())
-    if largest >= model.config.vocab_size:
-        raise ValueError(f"tokenizer yields token id {largest} but the model's vocab_size is "
-                         f"{model.config.vocab_size}: the tokenizer does not belong to this model")
+    check_token_ids(model, int(data.max()))
     device = next(model.parameters()).device
     records = []
     for length in lengths:

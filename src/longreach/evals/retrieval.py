@@ -44,9 +44,8 @@ def check_grid(lengths: Sequence[int], depths: Sequence[float], trials: int, bat
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def check_vocabulary(model, tokenizer, prompt: Prompt) -> None:
-    """Reject a tokenizer whose ids the model cannot embed (a tokenizer of another model)."""
-    largest = max(prompt.ids + prompt.answer)
+def check_token_ids(model, largest: int) -> None:
+    """Reject a tokenizer whose ids (``largest``: the largest one seen) the model cannot embed."""
     if largest >= model.config.vocab_size:
         raise ValueError(f"tokenizer yields token id {largest} but the model's vocab_size is "
                          f"{model.config.vocab_size}: the tokenizer does not belong to this model")
@@ -65,7 +64,8 @@ def evaluate(model, tokenizer, make_prompt: MakePrompt, lengths: Sequence[int], 
         for depth in depths:
             rng = random.Random(f"{seed}/{length}/{depth}")
             cells[length, depth] = [make_prompt(length, depth, rng) for _ in range(trials)]
-    check_vocabulary(model, tokenizer, next(iter(cells.values()))[0])
+    first = next(iter(cells.values()))[0]
+    check_token_ids(model, max(first.ids + first.answer))
     device = next(model.parameters()).device
     records = []
     for (length, depth), prompts in cells.items():
@@ -74,7 +74,7 @@ def evaluate(model, tokenizer, make_prompt: MakePrompt, lengths: Sequence[int], 
             batch = prompts[start:start + batch_size]
             ids = torch.tensor([p.ids for p in batch], device=device)
             steps = max(len(p.answer) for p in batch) + 1
-            for prompt, row in zip(batch, greedy(model, ids, steps).tolist(), strict=False):
+            for prompt, row in zip(batch, greedy(model, ids, steps).tolist(), strict=True):
                 correct += answered(tokenizer.decode(row), prompt.key)
             if progress is not None:
                 progress(len(batch))

@@ -324,9 +324,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse, table, count, cos, sin = ctx.saved_tensors
-        # Mixed-precision graphs (fp32 adapters beside bf16 weights) can hand back a gradient in
-        # another dtype than the output's; the kernels need the inputs' dtype throughout.
-        grad = grad.to(q.dtype).contiguous()
+        grad = grad.contiguous()
         b, h, q_len, d = q.shape
         h_kv, k_len = k.shape[1], k.shape[2]
         block, first, scale = ctx.block, k_len - q_len, ctx.scale

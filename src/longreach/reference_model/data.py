@@ -8,20 +8,11 @@ random length and depth followed by its answer, then corpus text fills the row.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from ..evals import prompts
-
-
-def token_stream(tokenizer, texts: Iterable[str]) -> np.ndarray:
-    """All documents as one uint16 stream, each wrapped in BOS ... EOS."""
-    batch = list(texts)
-    encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-    pieces = [np.array([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id], dtype=np.uint16) for ids in encoded]
-    return np.concatenate(pieces)
 
 
 class Batches:

@@ -19,8 +19,9 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from ..evals.passkey import passkey
+from ..train.data import token_stream
 from .corpus import read
-from .data import Batches, token_stream
+from .data import Batches
 
 ARCHITECTURE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
                     num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0,
