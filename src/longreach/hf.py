@@ -11,15 +11,16 @@ position one more than slot j - 1, and the last slot holds the last query.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
+from . import cache as policies
 from . import positions as pos
 from .attention import METHODS, Positions, check_options, get_method
 
@@ -38,6 +39,10 @@ class Setup:
     position: str | None
     original_rotary: nn.Module
     original_attn: str | None
+    cache: str | None = None
+    cache_options: dict[str, Any] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    active: policies.PolicyCache | None = None
 
 
 class UnappliedRotary(nn.Module):
@@ -89,10 +94,50 @@ def _attention(name: str):
         rope = None
         if setup is not None:
             rope = setup.rope.at(int(key_pos.max()) + 1)
-        out = method.fn(query, key, value, positions=where, rope=rope, scale=scaling, **options)
+        layer = _policy_layer(setup, module, key)
+        if layer is None:
+            out = method.fn(query, key, value, positions=where, rope=rope, scale=scaling, **options)
+        else:
+            if key_mask is not None:
+                raise ValueError(f"cache policy {setup.cache!r}: padded batches are not supported; generate "
+                                 "prompts of equal length (or one at a time)")
+            scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+
+            def full(q: Tensor, k: Tensor, v: Tensor, positions: Positions) -> Tensor:
+                return method.fn(q, k, v, positions=positions, rope=rope, scale=scale, **options)
+
+            out = layer.attend(query, where, rope, scale, full)
         return out.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+def _policy_layer(setup: Setup | None, module: nn.Module, key: Tensor) -> policies.PolicyLayer | None:
+    """The policy cache layer whose keys these are, when a policy cache is in use for this forward."""
+    if setup is None or setup.active is None:
+        return None
+    layer = setup.active.layers[module.layer_idx]
+    return layer if key is layer.keys else None
+
+
+def _use_policy_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: give a caching forward the configured policy's cache in place of a new empty one
+    (``generate`` then carries it from step to step), and let the attention layers find it."""
+    setup: Setup = model._longreach
+    cache = kwargs.get("past_key_values")
+    caching = kwargs.get("use_cache", model.config.use_cache)
+    fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
+    if setup.cache is not None and caching and fresh:
+        cache = policies.make_cache(setup.cache, model.config.num_hidden_layers, **setup.cache_options)
+        kwargs["past_key_values"] = cache
+    setup.active = cache if isinstance(cache, policies.PolicyCache) else None
+    if setup.active is not None:
+        setup.active.wired = True
+    return args, kwargs
+
+
+def _end_policy_cache(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    model._longreach.active = None
 
 
 def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -186,13 +231,15 @@ def _attention_modules(backbone: nn.Module) -> list[nn.Module]:
 
 
 def extend(model: PreTrainedModel, *, position: str | None = None, attention: str | None = None,
-           **options: Any) -> PreTrainedModel:
+           cache: str | None = None, **options: Any) -> PreTrainedModel:
     """Configure a transformers causal LM in place for long context and return it.
 
     ``position``: a rotary scheme from :func:`position_schemes` (None keeps the model's own RoPE),
     with ``factor=``, ``original_max_position=`` (default: the config's max_position_embeddings)
     and the scheme's options. ``attention``: a method from :func:`attention_methods` (default
-    ``dense``) with its options. Calling ``extend`` again replaces the earlier configuration.
+    ``dense``) with its options. ``cache``: a policy from :func:`longreach.cache.policies` with
+    ``budget=`` and its options; every caching forward (``generate``) then starts one. Calling
+    ``extend`` again replaces the earlier configuration.
     """
     if position is not None and position not in POSITION_OPTIONS:
         raise ValueError(f"unknown position scheme {position!r}; choose one of {sorted(POSITION_OPTIONS)} or None")
@@ -201,6 +248,10 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
     backbone = _backbone(model)
     if getattr(model.config, "attention_dropout", 0.0):
         raise ValueError("model: attention_dropout > 0 is not supported by longreach attention methods")
+    cache_keys = policies.OPTIONS.get(cache, ()) if cache is not None else ()
+    cache_opts = {k: options.pop(k) for k in list(options) if k in cache_keys}
+    if cache is not None:
+        policies.make_cache(cache, 1, **cache_opts)
     rope_opts, attn_opts = _split_options(position, method, options)
     for key in TRAIN_LENGTH_OPTIONS:
         if key in METHODS[method].options and key not in attn_opts:
@@ -209,7 +260,10 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
     rope = _build_rope(model, backbone, position, dict(rope_opts))
     restore(model)
     register()
-    setup = Setup(method, attn_opts, rope, position, backbone.rotary_emb, model.config._attn_implementation)
+    setup = Setup(method, attn_opts, rope, position, backbone.rotary_emb, model.config._attn_implementation,
+                  cache, cache_opts)
+    setup.hooks = [model.register_forward_pre_hook(_use_policy_cache, with_kwargs=True),
+                   model.register_forward_hook(_end_policy_cache, with_kwargs=True)]
     backbone.rotary_emb = UnappliedRotary(_rope_basics(model)[0])
     for module in _attention_modules(backbone):
         module._longreach = setup
@@ -225,6 +279,8 @@ def restore(model: PreTrainedModel) -> PreTrainedModel:
         return model
     backbone = _backbone(model)
     backbone.rotary_emb = setup.original_rotary
+    for hook in setup.hooks:
+        hook.remove()
     for module in _attention_modules(backbone):
         del module._longreach
     del model._longreach
@@ -233,11 +289,12 @@ def restore(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def describe(model: PreTrainedModel) -> dict[str, Any] | None:
-    """What extend configured on ``model`` (method, options, position scheme), or None."""
+    """What extend configured on ``model`` (method, options, position scheme, cache policy), or None."""
     setup: Setup | None = getattr(model, "_longreach", None)
     if setup is None:
         return None
-    return {"attention": setup.method, "options": setup.options, "position": setup.position}
+    return {"attention": setup.method, "options": setup.options, "position": setup.position, "cache": setup.cache,
+            "cache_options": setup.cache_options}
 
 
 def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

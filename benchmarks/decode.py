@@ -1,0 +1,168 @@
+"""Decode cost of each cache policy against the full cache, Llama-3-8B shape (random weights), one run.
+
+Run on the device: ``python benchmarks/decode.py --contexts 32k,128k --out DIR``. For each context
+length the caches are filled with random un-rotated keys and values (decode cost does not depend on
+their values): the full cache with all of them, ``token_select`` likewise (it keeps every token),
+``h2o`` and ``sinks`` with their budget. Then the same greedy step loop that ``generate`` runs (one
+forward per token through the cache) is timed: per-token latency, the attention time of the step
+(CUDA events around the attention function of every layer, selection and eviction included) and the
+bytes the cache holds. The full cache runs transformers' own SDPA attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import longreach
+from longreach.cache import PolicyCache, make_cache
+from longreach.cli import parse_lengths
+from longreach.hf import PREFIX, register
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                 rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+POLICIES = {"token_select": dict(budget=2688, n_init=128, n_local=512), "h2o": dict(budget=2688),
+            "sinks": dict(budget=2688, sink=128)}
+
+
+class AttentionClock:
+    """Wraps an attention function: CUDA events around each call, summed per decode step."""
+
+    def __init__(self, fn):
+        self.fn, self.pairs = fn, []
+
+    def __call__(self, *args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = self.fn(*args, **kwargs)
+        end.record()
+        self.pairs.append((start, end))
+        return out
+
+    def take_ms(self) -> float:
+        torch.cuda.synchronize()
+        total = sum(s.elapsed_time(e) for s, e in self.pairs)
+        self.pairs = []
+        return total
+
+
+def build() -> LlamaForCausalLM:
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA3_8B, attn_implementation="sdpa"))
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def fill(cache, length: int, config) -> None:
+    kv, d = config.num_key_value_heads, config.hidden_size // config.num_attention_heads
+    for layer in range(config.num_hidden_layers):
+        keys = torch.randn(1, kv, length, d, device="cuda", dtype=torch.bfloat16)
+        if isinstance(cache, PolicyCache):
+            cache.layers[layer].update(keys, torch.randn_like(keys))
+        else:
+            cache.update(keys, torch.randn_like(keys), layer)
+        if hasattr(cache.layers[layer], "scores"):
+            cache.layers[layer].scores = torch.rand(1, kv, length, device="cuda")
+
+
+def cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "scores"):
+            tensor = getattr(layer, name, None)
+            total += 0 if tensor is None else tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.no_grad()
+def decode(model, cache, context: int, clock: AttentionClock, steps: int, warmup: int = 3) -> dict:
+    token = torch.randint(0, model.config.vocab_size, (1, 1), device="cuda")
+    latency, attention = [], []
+    for i in range(warmup + steps):
+        position = torch.tensor([[context + i]], device="cuda")
+        torch.cuda.synchronize()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = model(input_ids=token, past_key_values=cache, position_ids=position, cache_position=position[0],
+                    use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            latency.append(start.elapsed_time(end))
+            attention.append(clock.take_ms())
+        else:
+            clock.take_ms()
+    return {"latency_ms": statistics.median(latency), "attention_ms": statistics.median(attention)}
+
+
+def run(model, context: int, steps: int) -> list[dict]:
+    config, records = model.config, []
+    for policy in ("full", *POLICIES):
+        torch.cuda.empty_cache()
+        if policy == "full":
+            longreach.restore(model)
+            cache = DynamicCache(config=config)
+        else:
+            longreach.extend(model, attention="dense", cache=policy, **POLICIES[policy])
+            install_clocks()
+            cache = make_cache(policy, config.num_hidden_layers, **POLICIES[policy])
+            cache.wired = True
+        kept = context if policy in ("full", "token_select") else POLICIES[policy]["budget"]
+        fill(cache, kept, config)
+        held = cache_bytes(cache)
+        clock = CLOCKS["sdpa" if policy == "full" else PREFIX + "dense"]
+        try:
+            result = decode(model, cache, context, clock, steps)
+        except torch.OutOfMemoryError:
+            result = {"error": "out of memory"}
+        extra = {}
+        if policy == "token_select":
+            layers = cache.layers
+            extra["selection_reuse"] = sum(x.reuses for x in layers) / max(1, sum(x.selections for x in layers))
+        records.append({"policy": policy, "context": context, "cache_gib": held / 2**30, **result, **extra,
+                        "options": POLICIES.get(policy, {})})
+        print(records[-1], flush=True)
+        del cache
+    return records
+
+
+CLOCKS: dict[str, AttentionClock] = {}
+
+
+def install_clocks() -> None:
+    """Put the clocks in front of SDPA and longreach's dense attention (``extend`` re-registers the latter)."""
+    for name, fn in (("sdpa", sdpa_attention_forward), (PREFIX + "dense", ALL_ATTENTION_FUNCTIONS[PREFIX + "dense"])):
+        if not isinstance(fn, AttentionClock):
+            CLOCKS[name] = AttentionClock(fn)
+            AttentionInterface.register(name, CLOCKS[name])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--contexts", type=parse_lengths, default=[32768, 131072])
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    register()
+    install_clocks()
+    model = build()
+    records = [r for context in args.contexts for r in run(model, context, args.steps)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "model": "Llama-3-8B shape, random bf16 weights",
+            "steps": args.steps, "batch": 1}
+    (args.out / "decode.json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Cache policies as transformers cache layers: sinks + window, H2O, TokenSelect.
+
+Each layer stores keys un-rotated (longreach hands attention the un-rotated key, see ``hf.py``), so
+positions are given at attention time: key j of the cache gets a position one more than key j - 1,
+which re-indexes the kept tokens (StreamingLLM's and the H2O recipe's rolling positions). After
+``update`` appends a step's keys, the longreach attention function calls the layer's ``attend``,
+which computes the step's attention its own way and then evicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..attention import Positions
+from ..positions import Rope
+from . import select
+
+# The configured attention method over (q, k, v, positions): the prompt's own pass goes through it.
+Full = Callable[[Tensor, Tensor, Tensor, Positions], Tensor]
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` (b, h or 1, n) of x (b, h, L, d) along L."""
+    index = index.expand(x.shape[0], x.shape[1], -1)
+    return x.gather(2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+class PolicyLayer(DynamicLayer):
+    """A dynamic layer whose attention over the cache and whose eviction belong to a policy."""
+
+    def attend(self, q: Tensor, where: Positions, rope: Rope | None, scale: float, full: Full) -> Tensor:
+        raise NotImplementedError
+
+    def keep(self, index: Tensor) -> None:
+        """Keep cached rows ``index`` (L,) or (b, h_kv, n), in order."""
+        if index.dim() == 1:
+            self.keys, self.values = self.keys[:, :, index], self.values[:, :, index]
+        else:
+            self.keys, self.values = _gather(self.keys, index), _gather(self.values, index)
+
+
+class SinksLayer(PolicyLayer):
+    """StreamingLLM: the first ``sink`` tokens and the last ``budget - sink``; attention over all of
+    them and the step's own tokens, then the oldest window token leaves."""
+
+    def __init__(self, budget: int, sink: int = 4):
+        super().__init__()
+        self.budget, self.sink = budget, sink
+
+    def attend(self, q: Tensor, where: Positions, rope: Rope | None, scale: float, full: Full) -> Tensor:
+        out = full(q, self.keys, self.values, where)
+        self.keep(select.sink_window(self.keys.shape[2], self.sink, self.budget - self.sink, q.device))
+        return out
+
+
+class H2OLayer(PolicyLayer):
+    """H2O: dense attention over the cache; each key accumulates the attention mass it receives; past
+    ``budget`` tokens the ``recent`` last ones stay and, of the older, those with the highest score."""
+
+    def __init__(self, budget: int, recent: int | None = None):
+        super().__init__()
+        self.budget = budget
+        self.recent = budget // 2 if recent is None else recent
+        self.scores: Tensor | None = None
+
+    def attend(self, q: Tensor, where: Positions, rope: Rope | None, scale: float, full: Full) -> Tensor:
+        out, mass = select.attention_with_mass(q, self.keys, self.values, where.query, where.key, rope, scale)
+        previous = 0 if self.scores is None else self.scores.shape[2]
+        grown = mass.new_zeros(*mass.shape[:2], mass.shape[2] - previous)
+        self.scores = mass + (grown if self.scores is None else torch.cat([self.scores, grown], dim=2))
+        if self.scores.shape[2] > self.budget:
+            index = select.heavy_hitters(self.scores, self.budget, self.recent)
+            self.keep(index)
+            self.scores = self.scores.gather(2, index)
+        return out
+
+    def reset(self) -> None:
+        self.scores = None
+        super().reset()
+
+
+class TokenSelectLayer(PolicyLayer):
+    """TokenSelect: keeps every token; a step attends to the first ``n_init``, the ``top_k`` tokens with
+    the most soft votes of its query fingerprint and the last ``n_local``. The top-k is reused while
+    the fingerprint's cosine similarity to the one that chose it stays at least ``threshold``."""
+
+    def __init__(self, top_k: int, n_init: int, n_local: int, threshold: float = 0.9):
+        super().__init__()
+        self.top_k, self.n_init, self.n_local, self.threshold = top_k, n_init, n_local, threshold
+        self.fingerprint: Tensor | None = None
+        self.picked: Tensor | None = None
+        self.selections = self.reuses = 0
+
+    def attend(self, q: Tensor, where: Positions, rope: Rope | None, scale: float, full: Full) -> Tensor:
+        length, q_len = self.keys.shape[2], q.shape[2]
+        if length <= self.n_init + self.top_k + self.n_local or q_len == length or q_len > self.n_local:
+            return full(q, self.keys, self.values, where)
+        index = select.attended(self.choose(q, scale), length, self.n_init, self.n_local)
+        keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
+        return full(q, keys, values, Positions(where.query, where.key.expand(len(index), -1).gather(1, index), None))
+
+    def choose(self, q: Tensor, scale: float) -> Tensor:
+        """The step's top-k (b, k): reused from the last selection when the fingerprints agree."""
+        fingerprint = q.mean(2)
+        self.selections += 1
+        similar = self.fingerprint is not None and bool((select.cosine(fingerprint, self.fingerprint)
+                                                          >= self.threshold).all())
+        if similar:
+            self.reuses += 1
+            return self.picked
+        votes = select.soft_votes(q, self.keys, scale)
+        self.fingerprint, self.picked = fingerprint, select.top_tokens(votes, self.n_init, self.n_local, self.top_k)
+        return self.picked
+
+    def reset(self) -> None:
+        self.fingerprint = self.picked = None
+        super().reset()
+
+
+class PolicyCache(Cache):
+    """A transformers ``Cache`` of one policy layer per model layer. It only works inside a model
+    configured by ``longreach.extend`` (which also creates it for ``generate`` when asked to)."""
+
+    def __init__(self, layers: list[PolicyLayer], policy: str):
+        super().__init__(layers=layers)
+        self.policy = policy
+        self.wired = False
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if not self.wired:
+            raise ValueError(f"cache policy {self.policy!r} needs a model configured with longreach.extend: its "
+                             "attention runs the policy (the model's own attention would ignore it)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)

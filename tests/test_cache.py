@@ -1,0 +1,166 @@
+import pytest
+import torch
+
+import longreach
+from longreach.attention import Positions, dense
+from longreach.cache import make_cache, select
+from longreach.cache.layers import H2OLayer, SinksLayer, TokenSelectLayer
+from longreach.evals import passkey
+from longreach.models import tiny_model
+from longreach.reference_model import load_reference_model
+
+POLICIES = [("sinks", {}), ("h2o", {}), ("token_select", {"n_init": 2, "n_local": 4})]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("policy,options", POLICIES)
+def test_budget_covering_the_context_generates_like_the_full_cache(arch, policy, options):
+    model = tiny_model(arch)
+    ids = torch.randint(1, model.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = model.generate(ids, max_new_tokens=20, do_sample=False)
+        longreach.extend(model, cache=policy, budget=50, **options)
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, full)
+    assert type(out.past_key_values).__name__ == "PolicyCache"
+
+
+@pytest.mark.parametrize("policy,options", POLICIES)
+def test_small_budget_bounds_what_is_kept(policy, options):
+    model = tiny_model("llama")
+    ids = torch.randint(1, model.config.vocab_size, (1, 40))
+    longreach.extend(model, cache=policy, budget=16, **options)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
+    kept = {layer.keys.shape[2] for layer in out.past_key_values.layers}
+    assert kept == ({49} if policy == "token_select" else {16})
+
+
+def _step(layer, q, k, v, rope=None):
+    """One attention step of a policy layer: append k/v, attend with positions along the cache."""
+    layer.update(k, v)
+    length, q_len = layer.keys.shape[2], q.shape[2]
+    where = Positions(torch.arange(length - q_len, length)[None], torch.arange(length)[None], None)
+
+    def full(q_, k_, v_, positions):
+        return dense(q_, k_, v_, positions=positions, rope=rope, scale=q.shape[-1] ** -0.5)
+
+    return layer.attend(q, where, rope, q.shape[-1] ** -0.5, full)
+
+
+def test_h2o_keeps_budget_and_evicts_lowest_accumulated_score():
+    budget, recent, h, h_kv, d = 6, 2, 4, 2, 8
+    layer = H2OLayer(budget, recent)
+    kept = [[] for _ in range(h_kv)]  # brute force: per kv head, [token id, key, value, score]
+    token = 0
+    for q_len in (5, 1, 1, 1, 1, 1, 1):
+        q, k, v = torch.randn(1, h, q_len, d), torch.randn(1, h_kv, q_len, d), torch.randn(1, h_kv, q_len, d)
+        v[..., 0] = torch.arange(token, token + q_len, dtype=torch.float32)  # the value names its token
+        out = _step(layer, q, k, v)
+        for head in range(h_kv):
+            kept[head] += [[token + i, k[0, head, i], v[0, head, i], 0.0] for i in range(q_len)]
+            keys = torch.stack([e[1] for e in kept[head]])
+            values = torch.stack([e[2] for e in kept[head]])
+            for g in range(h // h_kv):
+                for row in range(q_len):
+                    visible = len(kept[head]) - q_len + row + 1
+                    probs = torch.softmax(keys[:visible] @ q[0, head * 2 + g, row] / d**0.5, 0)
+                    torch.testing.assert_close(out[0, head * 2 + g, row], probs @ values[:visible])
+                    for j in range(visible):
+                        kept[head][j][3] += probs[j].item()
+            while len(kept[head]) > budget:
+                old = kept[head][: len(kept[head]) - recent]
+                kept[head].remove(min(old, key=lambda e: e[3]))
+        token += q_len
+        assert layer.keys.shape[2] == min(token, budget)
+        for head in range(h_kv):
+            assert layer.values[0, head, :, 0].tolist() == [float(e[0]) for e in kept[head]]
+            torch.testing.assert_close(layer.scores[0, head], torch.tensor([e[3] for e in kept[head]]))
+
+
+def test_sinks_keeps_first_and_last_tokens():
+    layer = SinksLayer(budget=6, sink=2)
+    for step in range(10):
+        k = torch.randn(1, 2, 1, 4)
+        v = torch.full((1, 2, 1, 4), float(step))
+        _step(layer, torch.randn(1, 2, 1, 4), k, v)
+    assert layer.values[0, 0, :, 0].tolist() == [0, 1, 6, 7, 8, 9]
+
+
+def _brute_votes(q, keys, scale):
+    h, h_kv = q.shape[1], keys.shape[1]
+    votes = torch.zeros(q.shape[0], keys.shape[2])
+    for head in range(h):
+        fingerprint = q[:, head].mean(1)
+        logits = torch.einsum("bd,bld->bl", fingerprint, keys[:, head // (h // h_kv)]) * scale
+        votes += logits.softmax(-1)
+    return votes
+
+
+def test_token_select_picks_brute_force_top_k_of_soft_votes():
+    n_init, n_local, top_k = 3, 5, 7
+    layer = TokenSelectLayer(top_k, n_init, n_local, threshold=2.0)
+    k, v = torch.randn(2, 2, 60, 16), torch.randn(2, 2, 60, 16)
+    layer.update(k[:, :, :59], v[:, :, :59])
+    q = torch.randn(2, 4, 1, 16)
+    out = _step(layer, q, k[:, :, 59:], v[:, :, 59:])
+    votes = _brute_votes(q, k, 16**-0.5)
+    for row in range(2):
+        picked = sorted(votes[row, n_init : 60 - n_local].topk(top_k).indices.add(n_init).tolist())
+        assert layer.picked[row].tolist() == picked
+        index = torch.tensor(list(range(n_init)) + picked + list(range(60 - n_local, 60)))
+        attended = torch.softmax(torch.einsum("hd,hld->hl", q[row, :, 0], k[row, :, index].repeat_interleave(2, 0))
+                                 / 4, -1)
+        expected = torch.einsum("hl,hld->hd", attended, v[row, :, index].repeat_interleave(2, 0))
+        torch.testing.assert_close(out[row, :, 0], expected)
+
+
+def test_token_select_reuses_selection_only_while_fingerprints_agree():
+    layer = TokenSelectLayer(top_k=4, n_init=1, n_local=2, threshold=0.9)
+    layer.update(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))
+    q = torch.randn(1, 2, 1, 8)
+    first = layer.choose(q, 1.0)
+    close = q + 0.01 * torch.randn_like(q)
+    assert select.cosine(close.mean(2), q.mean(2)).item() >= 0.9
+    assert layer.choose(close, 1.0) is first and layer.reuses == 1
+    far = -q
+    fresh = layer.choose(far, 1.0)
+    assert layer.reuses == 1 and layer.selections == 3
+    votes = _brute_votes(far, layer.keys, 1.0)
+    assert fresh[0].tolist() == sorted(votes[0, 1:38].topk(4).indices.add(1).tolist())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"cache": "lru", "budget": 8}, "unknown cache policy"),
+    ({"cache": "h2o"}, "needs budget"),
+    ({"cache": "h2o", "budget": 1}, "budget must be an integer >= 2"),
+    ({"cache": "h2o", "budget": 8, "recent": 9}, r"recent must be an integer in \[0, 8\]"),
+    ({"cache": "sinks", "budget": 8, "sink": 8}, r"sink must be an integer in \[0, 7\]"),
+    ({"cache": "token_select", "budget": 8, "threshold": 3}, "threshold must be"),
+    ({"cache": "token_select", "budget": 8, "n_local": 0}, "n_local must be"),
+])
+def test_bad_cache_options_fail_at_extend(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        longreach.extend(tiny_model("llama"), **kwargs)
+
+
+def test_policy_cache_needs_an_extended_model_and_equal_lengths():
+    model = tiny_model("llama")
+    ids = torch.randint(1, model.config.vocab_size, (2, 12))
+    with pytest.raises(ValueError, match="needs a model configured with longreach.extend"):
+        model(ids, past_key_values=make_cache("sinks", model.config.num_hidden_layers, budget=8))
+    longreach.extend(model, cache="sinks", budget=8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="padded batches are not supported"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_token_select_keeps_reference_model_passkey():
+    model, tokenizer = load_reference_model()
+    full = passkey(model, tokenizer, [512], [0.2, 0.5, 0.8], trials=6, batch_size=6)
+    longreach.extend(model, cache="token_select", budget=192, n_init=16, n_local=48)
+    selected = passkey(model, tokenizer, [512], [0.2, 0.5, 0.8], trials=6, batch_size=6)
+    right = sum(r["correct"] for r in full)
+    assert right >= 15
+    assert sum(r["correct"] for r in selected) >= 0.9 * right
