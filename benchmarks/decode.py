@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,8 +23,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import longreach
+from longreach.attention import Positions
 from longreach.cache import PolicyCache, make_cache
+from longreach.cache.static import make_static_cache
 from longreach.cli import parse_lengths
+from longreach.decode import GraphDecoder
 from longreach.hf import PREFIX, register
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -130,11 +134,83 @@ def run(model, context: int, steps: int) -> list[dict]:
         if policy == "token_select":
             layers = cache.layers
             extra["selection_reuse"] = sum(x.reuses for x in layers) / max(1, sum(x.selections for x in layers))
-        records.append({"policy": policy, "context": context, "cache_gib": held / 2**30, **result, **extra,
+        records.append({"policy": policy, "context": context, "path": "eager", "cache_gib": held / 2**30,
+                        **result, **extra,
                         "options": POLICIES.get(policy, {})})
         print(records[-1], flush=True)
         del cache
     return records
+
+
+def graph_ms(fn, replays: int = 20) -> float:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph (GPU time, no launch overhead)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device memory bandwidth in bytes/s from a 4 GiB device-to-device copy (read + write)."""
+    src = torch.empty(2**31, dtype=torch.int16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = graph_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def compiled(model, context: int, steps: int, bandwidth: float) -> list[dict]:
+    """The static caches decoded from a CUDA graph: per-token latency, the attention time of one step
+    (one layer's attention replayed alone, times the layer count) and the bandwidth bound."""
+    config, records = model.config, []
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    longreach.extend(model, attention="dense")
+    for policy, options in (("full", {}), ("token_select", {"top_k": 2048, "n_init": 128, "n_local": 512})):
+        torch.cuda.empty_cache()
+        cache = make_static_cache(policy, config.num_hidden_layers, context + 64, **options)
+        cache.wired = True
+        fill(cache, context, config)
+        decoder = GraphDecoder(model, cache, torch.zeros(1, 1, dtype=torch.long, device="cuda"), context)
+        decoder.capture()
+        latency = graph_free_latency(decoder, steps)
+        layer = cache.layers[0]
+        q = torch.randn(1, config.num_attention_heads, 1, layer.k_head_dim, device="cuda", dtype=torch.bfloat16)
+        where = Positions(torch.full((1, 1), context, device="cuda"), None, None)
+        rope = model._longreach.rope
+        attention = graph_ms(partial(layer.attend, q, where, rope, layer.k_head_dim ** -0.5, None))
+        read = cache_bytes(cache) // (context + 64) * context if policy == "full" else 0
+        records.append({"policy": policy, "context": context, "path": "cuda_graph", "latency_ms": latency,
+                        "attention_ms": attention * config.num_hidden_layers, "weights_gib": weights / 2**30,
+                        "cache_gib": cache_bytes(cache) / 2**30,
+                        "bandwidth_bound_ms": (weights + read) / bandwidth * 1e3 if policy == "full" else None,
+                        "options": options})
+        print(records[-1], flush=True)
+        del decoder, cache
+    return records
+
+
+def graph_free_latency(decoder: GraphDecoder, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        decoder.step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
 CLOCKS: dict[str, AttentionClock] = {}
@@ -157,10 +233,12 @@ def main() -> None:
     register()
     install_clocks()
     model = build()
+    bandwidth = copy_bandwidth()
     records = [r for context in args.contexts for r in run(model, context, args.steps)]
+    records += [r for context in args.contexts for r in compiled(model, context, args.steps, bandwidth)]
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "model": "Llama-3-8B shape, random bf16 weights",
-            "steps": args.steps, "batch": 1}
+            "steps": args.steps, "batch": 1, "copy_bandwidth_gb_s": bandwidth / 1e9}
     (args.out / "decode.json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
 
 

@@ -5,6 +5,8 @@ import longreach
 from longreach.attention import Positions, dense
 from longreach.cache import make_cache, select
 from longreach.cache.layers import H2OLayer, SinksLayer, TokenSelectLayer
+from longreach.cache.static import StaticPolicyLayer, make_static_cache
+from longreach.decode import GraphDecoder, prefill
 from longreach.evals import passkey
 from longreach.models import tiny_model
 from longreach.reference_model import load_reference_model
@@ -164,3 +166,38 @@ def test_token_select_keeps_reference_model_passkey():
     right = sum(r["correct"] for r in full)
     assert right >= 15
     assert sum(r["correct"] for r in selected) >= 0.9 * right
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("policy,options", [("full", {}), ("token_select", {"top_k": 40, "n_init": 4, "n_local": 8})])
+def test_static_cache_decodes_like_the_full_cache(arch, policy, options):
+    model = tiny_model(arch)
+    ids = torch.randint(1, model.config.vocab_size, (2, 30))
+    with torch.no_grad():
+        full = model.generate(ids, max_new_tokens=12, do_sample=False)
+    longreach.extend(model, attention="dense")
+    cache = make_static_cache(policy, model.config.num_hidden_layers, 64, **options)
+    decoder = GraphDecoder(model, cache, prefill(model, ids, cache), ids.shape[1])
+    tokens = [decoder.token.clone()] + [decoder.step().clone() for _ in range(11)]
+    assert torch.equal(torch.cat([ids, *tokens], dim=1), full)
+
+
+def test_static_token_select_attends_to_its_selection():
+    n_init, n_local, top_k = 2, 3, 5
+    layer = StaticPolicyLayer(32, "token_select", top_k=top_k, n_init=n_init, n_local=n_local)
+    k, v = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    layer.update(k, v)
+    q = torch.randn(1, 4, 1, 8)
+    out = layer.attend(q, Positions(torch.tensor([[19]]), None, None), None, 8**-0.5, None)
+    votes = _brute_votes(q, k, 8**-0.5)
+    picked = sorted(votes[0, n_init : 20 - n_local].topk(top_k).indices.add(n_init).tolist())
+    index = torch.tensor(list(range(n_init)) + picked + list(range(20 - n_local, 20)))
+    probs = torch.softmax(torch.einsum("hd,hld->hl", q[0, :, 0], k[0, :, index].repeat_interleave(2, 0)) * 8**-0.5, -1)
+    torch.testing.assert_close(out[0, :, 0], torch.einsum("hl,hld->hd", probs, v[0, :, index].repeat_interleave(2, 0)))
+
+
+def test_static_cache_bad_input():
+    with pytest.raises(ValueError, match="static cache policy"):
+        make_static_cache("h2o", 2, 16)
+    with pytest.raises(ValueError, match="must not exceed max_cache_len"):
+        make_static_cache("token_select", 2, 16, top_k=10, n_init=4, n_local=4)

@@ -93,7 +93,8 @@ def _attention(name: str):
             options.setdefault("sliding_window", kwargs["sliding_window"])
         rope = None
         if setup is not None:
-            rope = setup.rope.at(int(key_pos.max()) + 1)
+            # Only a dynamic scheme needs the length (a host sync): static decoding graphs must not sync.
+            rope = setup.rope if isinstance(setup.rope, pos.Rope) else setup.rope.at(int(key_pos.max()) + 1)
         layer = _policy_layer(setup, module, key)
         if layer is None:
             out = method.fn(query, key, value, positions=where, rope=rope, scale=scaling, **options)
@@ -286,6 +287,17 @@ def restore(model: PreTrainedModel) -> PreTrainedModel:
     del model._longreach
     model.set_attn_implementation(setup.original_attn or "sdpa")
     return model
+
+
+def place_rope(model: PreTrainedModel, device: torch.device | str) -> None:
+    """Keep the configured frequencies on ``device``, so no step copies them from the host."""
+    setup: Setup | None = getattr(model, "_longreach", None)
+    if setup is None:
+        raise ValueError("model: configure it with longreach.extend first")
+    if not isinstance(setup.rope, pos.Rope):
+        raise ValueError(f"position {setup.position!r} depends on the length (a host sync per step): "
+                         "not available for static decoding")
+    setup.rope = pos.Rope(setup.rope.inv_freq.to(device), setup.rope.scaling)
 
 
 def describe(model: PreTrainedModel) -> dict[str, Any] | None:

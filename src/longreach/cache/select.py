@@ -34,16 +34,18 @@ def heavy_hitters(scores: Tensor, budget: int, recent: int) -> Tensor:
     return torch.cat([top, tail], dim=-1).sort(dim=-1).values
 
 
-def soft_votes(query: Tensor, keys: Tensor, scale: float) -> Tensor:
+def soft_votes(query: Tensor, keys: Tensor, scale: float, key_mask: Tensor | None = None) -> Tensor:
     """TokenSelect's per-head soft voting: (b, L) = sum over heads of softmax_L(qbar . k * scale).
 
     ``query`` (b, h, Lq, d) is averaged over its rows (the chunk's fingerprint); ``keys`` (b, h_kv, L, d)
-    are scored per query head without copying them per head.
+    are scored per query head without copying them per head; ``key_mask`` (L,) leaves out empty slots.
     """
     b, h, _, d = query.shape
     h_kv = keys.shape[1]
     fingerprint = query.mean(2).view(b, h_kv, h // h_kv, d)
     logits = (fingerprint @ keys.transpose(-1, -2)).float() * scale
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask, float("-inf"))
     return logits.softmax(-1).sum(dim=(1, 2))
 
 
@@ -93,3 +95,17 @@ def attention_with_mass(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
         out.append(probs.to(v.dtype) @ v[:, :, None])
         mass += probs.sum(dim=(2, 3))
     return torch.cat(out, dim=3).view(b, h, q_len, d), mass
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, key_mask: Tensor,
+                     rope: Rope | None, scale: float) -> Tensor:
+    """One query row per head over un-rotated keys: q (b, h, 1, d), k/v (b, h_kv, L, d), positions q_pos
+    (b, 1) and k_pos (b, L), key_mask (b, L) True where a key counts. Grouped: keys are read once per kv
+    head, never copied per query head. Returns (b, h, 1, d)."""
+    b, h, _, d = q.shape
+    h_kv = k.shape[1]
+    if rope is not None:
+        q, k = rope.rotate(q, q_pos[:, None]), rope.rotate(k, k_pos[:, None])
+    logits = (q.view(b, h_kv, h // h_kv, d) @ k.transpose(-1, -2)).float() * scale
+    logits = logits.masked_fill(~key_mask[:, None, None], float("-inf"))
+    return (logits.softmax(-1).to(v.dtype) @ v).view(b, h, 1, d)

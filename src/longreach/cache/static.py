@@ -1,0 +1,65 @@
+"""Static-shape caches for compiled decoding: preallocated buffers, the length kept on the device.
+
+Every tensor shape is fixed and nothing waits for the host, so one decode step can be captured in a
+CUDA graph (:mod:`longreach.decode`). ``full`` attends to every stored token; ``token_select``
+scores every stored token against the step's query and attends to the first ``n_init``, the
+``top_k`` most voted and the last ``n_local`` (the selection is made afresh at every step: reusing
+it would need a branch inside the graph).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import StaticLayer
+
+from ..attention import Positions
+from ..positions import Rope
+from . import select
+from .layers import Full, PolicyCache, _gather
+
+STATIC_POLICIES = ("full", "token_select")
+
+
+class StaticPolicyLayer(StaticLayer):
+    """transformers' static layer (in-place writes at a device-side length) plus a policy's attention."""
+
+    def __init__(self, max_cache_len: int, policy: str, top_k: int = 0, n_init: int = 0, n_local: int = 1):
+        super().__init__(max_cache_len)
+        self.policy, self.top_k, self.n_init, self.n_local = policy, top_k, n_init, n_local
+
+    def attend(self, q: Tensor, where: Positions, rope: Rope | None, scale: float, full: Full) -> Tensor:
+        if q.shape[2] != 1:
+            raise ValueError(f"static cache: decode one token per step (got {q.shape[2]}); fill the prompt first")
+        slots = torch.arange(self.max_cache_len, device=q.device)
+        stored = slots < self.cumulative_length
+        if self.policy == "full":
+            return select.decode_attention(q, self.keys, self.values, where.query, slots[None], stored[None],
+                                           rope, scale)
+        index, valid = self.selection(q, scale, slots, stored)
+        keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
+        return select.decode_attention(q, keys, values, where.query, index, valid, rope, scale)
+
+    def selection(self, q: Tensor, scale: float, slots: Tensor, stored: Tensor) -> tuple[Tensor, Tensor]:
+        """Attended slots (b, n_init + top_k + n_local) and whether each holds a token that counts."""
+        length = self.cumulative_length
+        votes = select.soft_votes(q, self.keys, scale, stored)
+        candidate = (slots >= self.n_init) & (slots < length - self.n_local)
+        picked = votes.masked_fill(~candidate, float("-inf")).topk(self.top_k, dim=-1).indices
+        init = slots[: self.n_init].expand(len(q), -1)
+        local = (length - self.n_local + slots[: self.n_local]).expand(len(q), -1)
+        index = torch.cat([init, picked, local.clamp_min(0)], dim=-1)
+        valid = torch.cat([init < length, candidate[picked], local >= self.n_init], dim=-1)
+        return index, valid
+
+
+def make_static_cache(policy: str, num_layers: int, max_cache_len: int, **options) -> PolicyCache:
+    """A static cache of ``policy`` ("full" or "token_select" with top_k, n_init, n_local)."""
+    if policy not in STATIC_POLICIES:
+        raise ValueError(f"static cache policy must be one of {STATIC_POLICIES}, got {policy!r}")
+    if policy == "token_select":
+        if options.get("top_k", 0) < 1 or options.get("n_local", 0) < 1 or options.get("n_init", 0) < 0:
+            raise ValueError(f"token_select needs top_k >= 1, n_local >= 1, n_init >= 0, got {options}")
+        if sum(options[k] for k in ("top_k", "n_init", "n_local")) > max_cache_len:
+            raise ValueError(f"top_k + n_init + n_local must not exceed max_cache_len {max_cache_len}")
+    return PolicyCache([StaticPolicyLayer(max_cache_len, policy, **options) for _ in range(num_layers)], policy)

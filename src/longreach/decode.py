@@ -1,0 +1,73 @@
+"""Greedy decoding replayed from a CUDA graph: the static-shape decode path for longreach's caches.
+
+Eager decoding of a 7-8B model is bound by kernel launches (tens of milliseconds per token whatever
+the cache does); replaying one captured step removes the host from the loop, so the time a cache
+policy saves on reading keys shows in the latency. The model must be configured by
+``longreach.extend`` and the cache built by :func:`longreach.cache.static.make_static_cache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from .cache import PolicyCache
+from .hf import place_rope
+
+
+@torch.no_grad()
+def prefill(model, ids: Tensor, cache: PolicyCache) -> Tensor:
+    """Run the prompt ``ids`` (b, L) through ``model`` (configured by ``extend``, no cache policy),
+    store its un-rotated keys and values in the static ``cache``; returns the next greedy token (b, 1)."""
+    dynamic = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=dynamic, use_cache=True, logits_to_keep=1)
+    for layer, source in zip(cache.layers, dynamic.layers, strict=True):
+        layer.update(source.keys, source.values)
+    return out.logits[:, -1:].argmax(-1)
+
+
+class GraphDecoder:
+    """Decodes one token per :meth:`step` for a batch of prompts whose cache is already filled.
+
+    ``token`` (b, 1): the first token to feed (the prompt's greedy continuation); ``position``: its
+    position (the prompt length). Steps before :meth:`capture` run eagerly (warm-up).
+    """
+
+    def __init__(self, model, cache: PolicyCache, token: Tensor, position: int):
+        if not isinstance(cache, PolicyCache) or not hasattr(cache.layers[0], "cumulative_length"):
+            raise ValueError("cache must come from longreach.cache.static.make_static_cache")
+        place_rope(model, token.device)
+        self.model, self.cache = model, cache
+        self.token = token.clone()
+        self.position = torch.full((token.shape[0], 1), position, device=token.device, dtype=torch.long)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.no_grad()
+    def _forward(self) -> None:
+        out = self.model(input_ids=self.token, position_ids=self.position, cache_position=self.position[0],
+                         past_key_values=self.cache, use_cache=True)
+        self.token.copy_(out.logits[:, -1:].argmax(-1))
+        self.position.add_(1)
+
+    def capture(self, warmup: int = 2) -> None:
+        """Run ``warmup`` eager steps on a side stream, then capture one step (CUDA only)."""
+        if self.token.device.type != "cuda":
+            raise ValueError(f"capture needs CUDA; the decoder runs on {self.token.device} (step() runs eagerly)")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._forward()
+
+    def step(self) -> Tensor:
+        """Decode one token; returns the (b, 1) tokens just produced (a buffer the next step overwrites)."""
+        if self.graph is None:
+            self._forward()
+        else:
+            self.graph.replay()
+        return self.token
