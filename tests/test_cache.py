@@ -121,12 +121,12 @@ def test_token_select_reuses_selection_only_while_fingerprints_agree():
     layer = TokenSelectLayer(top_k=4, n_init=1, n_local=2, threshold=0.9)
     layer.update(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))
     q = torch.randn(1, 2, 1, 8)
-    first = layer.choose(q, 1.0)
+    first = layer.choose(q, layer.keys, 1.0)
     close = q + 0.01 * torch.randn_like(q)
     assert select.cosine(close.mean(2), q.mean(2)).item() >= 0.9
-    assert layer.choose(close, 1.0) is first and layer.reuses == 1
+    assert layer.choose(close, layer.keys, 1.0) is first and layer.reuses == 1
     far = -q
-    fresh = layer.choose(far, 1.0)
+    fresh = layer.choose(far, layer.keys, 1.0)
     assert layer.reuses == 1 and layer.selections == 3
     votes = _brute_votes(far, layer.keys, 1.0)
     assert fresh[0].tolist() == sorted(votes[0, 1:38].topk(4).indices.add(1).tolist())

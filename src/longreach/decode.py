@@ -20,10 +20,11 @@ from .hf import place_rope
 def prefill(model, ids: Tensor, cache: PolicyCache) -> Tensor:
     """Run the prompt ``ids`` (b, L) through ``model`` (configured by ``extend``, no cache policy),
     store its un-rotated keys and values in the static ``cache``; returns the next greedy token (b, 1)."""
+    rope = place_rope(model, ids.device)
     dynamic = DynamicCache(config=model.config)
     out = model(input_ids=ids, past_key_values=dynamic, use_cache=True, logits_to_keep=1)
     for layer, source in zip(cache.layers, dynamic.layers, strict=True):
-        layer.update(source.keys, source.values)
+        layer.fill(source.keys, source.values, rope)
     return out.logits[:, -1:].argmax(-1)
 
 

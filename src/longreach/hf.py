@@ -289,8 +289,8 @@ def restore(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def place_rope(model: PreTrainedModel, device: torch.device | str) -> None:
-    """Keep the configured frequencies on ``device``, so no step copies them from the host."""
+def place_rope(model: PreTrainedModel, device: torch.device | str) -> pos.Rope:
+    """Keep the configured frequencies on ``device``, so no step copies them from the host; returns them."""
     setup: Setup | None = getattr(model, "_longreach", None)
     if setup is None:
         raise ValueError("model: configure it with longreach.extend first")
@@ -298,6 +298,7 @@ def place_rope(model: PreTrainedModel, device: torch.device | str) -> None:
         raise ValueError(f"position {setup.position!r} depends on the length (a host sync per step): "
                          "not available for static decoding")
     setup.rope = pos.Rope(setup.rope.inv_freq.to(device), setup.rope.scaling)
+    return setup.rope
 
 
 def describe(model: PreTrainedModel) -> dict[str, Any] | None:

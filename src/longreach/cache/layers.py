@@ -85,8 +85,9 @@ class H2OLayer(PolicyLayer):
 
 class TokenSelectLayer(PolicyLayer):
     """TokenSelect: keeps every token; a step attends to the first ``n_init``, the ``top_k`` tokens with
-    the most soft votes of its query fingerprint and the last ``n_local``. The top-k is reused while
-    the fingerprint's cosine similarity to the one that chose it stays at least ``threshold``."""
+    the most soft votes of its query fingerprint (rotated query and keys) and the last ``n_local``. The
+    top-k is reused while the fingerprint's cosine similarity to the one that chose it stays at least
+    ``threshold``."""
 
     def __init__(self, top_k: int, n_init: int, n_local: int, threshold: float = 0.9):
         super().__init__()
@@ -99,12 +100,16 @@ class TokenSelectLayer(PolicyLayer):
         length, q_len = self.keys.shape[2], q.shape[2]
         if length <= self.n_init + self.top_k + self.n_local or q_len == length or q_len > self.n_local:
             return full(q, self.keys, self.values, where)
-        index = select.attended(self.choose(q, scale), length, self.n_init, self.n_local)
+        scored_q, scored_k = q, self.keys
+        if rope is not None:
+            scored_q, scored_k = rope.rotate(q, where.query[:, None]), rope.rotate(self.keys, where.key[:, None])
+        index = select.attended(self.choose(scored_q, scored_k, scale), length, self.n_init, self.n_local)
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
         return full(q, keys, values, Positions(where.query, where.key.expand(len(index), -1).gather(1, index), None))
 
-    def choose(self, q: Tensor, scale: float) -> Tensor:
-        """The step's top-k (b, k): reused from the last selection when the fingerprints agree."""
+    def choose(self, q: Tensor, keys: Tensor, scale: float) -> Tensor:
+        """The step's top-k (b, k) from the rotated query and keys (as TokenSelect scores its RoPE'd
+        cache): reused from the last selection when the fingerprints agree."""
         fingerprint = q.mean(2)
         self.selections += 1
         similar = self.fingerprint is not None and bool((select.cosine(fingerprint, self.fingerprint)
@@ -112,7 +117,7 @@ class TokenSelectLayer(PolicyLayer):
         if similar:
             self.reuses += 1
             return self.picked
-        votes = select.soft_votes(q, self.keys, scale)
+        votes = select.soft_votes(q, keys, scale)
         self.fingerprint, self.picked = fingerprint, select.top_tokens(votes, self.n_init, self.n_local, self.top_k)
         return self.picked
 

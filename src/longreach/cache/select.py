@@ -97,15 +97,12 @@ def attention_with_mass(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: T
     return torch.cat(out, dim=3).view(b, h, q_len, d), mass
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, key_mask: Tensor,
-                     rope: Rope | None, scale: float) -> Tensor:
-    """One query row per head over un-rotated keys: q (b, h, 1, d), k/v (b, h_kv, L, d), positions q_pos
-    (b, 1) and k_pos (b, L), key_mask (b, L) True where a key counts. Grouped: keys are read once per kv
-    head, never copied per query head. Returns (b, h, 1, d)."""
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, scale: float) -> Tensor:
+    """One query row per head over keys already rotated: q (b, h, 1, d) rotated, k/v (b, h_kv, L, d),
+    key_mask (b, L) True where a key counts. Grouped: keys are read once per kv head, never copied
+    per query head. Returns (b, h, 1, d)."""
     b, h, _, d = q.shape
     h_kv = k.shape[1]
-    if rope is not None:
-        q, k = rope.rotate(q, q_pos[:, None]), rope.rotate(k, k_pos[:, None])
     logits = (q.view(b, h_kv, h // h_kv, d) @ k.transpose(-1, -2)).float() * scale
     logits = logits.masked_fill(~key_mask[:, None, None], float("-inf"))
     return (logits.softmax(-1).to(v.dtype) @ v).view(b, h, 1, d)

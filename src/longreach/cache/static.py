@@ -1,7 +1,8 @@
 """Static-shape caches for compiled decoding: preallocated buffers, the length kept on the device.
 
 Every tensor shape is fixed and nothing waits for the host, so one decode step can be captured in a
-CUDA graph (:mod:`longreach.decode`). ``full`` attends to every stored token; ``token_select``
+CUDA graph (:mod:`longreach.decode`). Slot j holds position j, so keys are stored rotated (once, when
+written) and a step reads each key once. ``full`` attends to every stored token; ``token_select``
 scores every stored token against the step's query and attends to the first ``n_init``, the
 ``top_k`` most voted and the last ``n_local`` (the selection is made afresh at every step: reusing
 it would need a branch inside the graph).
@@ -28,17 +29,27 @@ class StaticPolicyLayer(StaticLayer):
         super().__init__(max_cache_len)
         self.policy, self.top_k, self.n_init, self.n_local = policy, top_k, n_init, n_local
 
+    def fill(self, keys: Tensor, values: Tensor, rope: Rope | None) -> None:
+        """Store a prompt's un-rotated keys (b, h_kv, n, d) and values after the stored ones."""
+        start = self.cumulative_length if self.is_initialized else 0
+        positions = torch.arange(keys.shape[2], device=keys.device) + start
+        self.update(keys if rope is None else rope.rotate(keys, positions), values)
+
     def attend(self, q: Tensor, where: Positions, rope: Rope | None, scale: float, full: Full) -> Tensor:
         if q.shape[2] != 1:
             raise ValueError(f"static cache: decode one token per step (got {q.shape[2]}); fill the prompt first")
+        slot = (self.cumulative_length - 1).view(1)
+        if rope is not None:
+            # update() wrote the step's key un-rotated: rotate it in place at its position (its slot).
+            self.keys.index_copy_(2, slot, rope.rotate(self.keys.index_select(2, slot), slot))
+            q = rope.rotate(q, where.query[:, None])
         slots = torch.arange(self.max_cache_len, device=q.device)
         stored = slots < self.cumulative_length
         if self.policy == "full":
-            return select.decode_attention(q, self.keys, self.values, where.query, slots[None], stored[None],
-                                           rope, scale)
+            return select.decode_attention(q, self.keys, self.values, stored[None], scale)
         index, valid = self.selection(q, scale, slots, stored)
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
-        return select.decode_attention(q, keys, values, where.query, index, valid, rope, scale)
+        return select.decode_attention(q, keys, values, valid, scale)
 
     def selection(self, q: Tensor, scale: float, slots: Tensor, stored: Tensor) -> tuple[Tensor, Tensor]:
         """Attended slots (b, n_init + top_k + n_local) and whether each holds a token that counts."""
