@@ -1,11 +1,15 @@
+import json
+
 import pytest
 import torch
+from click.testing import CliRunner
 
 import longreach
 from longreach.attention import Positions, dense
 from longreach.cache import make_cache, select
 from longreach.cache.layers import H2OLayer, SinksLayer, TokenSelectLayer
 from longreach.cache.static import StaticPolicyLayer, make_static_cache
+from longreach.cli import main
 from longreach.decode import GraphDecoder, prefill
 from longreach.evals import passkey
 from longreach.models import tiny_model
@@ -201,3 +205,13 @@ def test_static_cache_bad_input():
         make_static_cache("h2o", 2, 16)
     with pytest.raises(ValueError, match="must not exceed max_cache_len"):
         make_static_cache("token_select", 2, 16, top_k=10, n_init=4, n_local=4)
+
+
+def test_cli_passkey_with_a_cache_policy(tmp_path):
+    result = CliRunner().invoke(main, ["passkey", "--cache", "sinks", "--option", "budget=64", "--lengths", "512",
+                                       "--depths", "0.5", "--trials", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "passkey.json").read_text())["cache"] == "sinks"
+    bad = CliRunner().invoke(main, ["passkey", "--cache", "lru", "--option", "budget=64", "--lengths", "512",
+                                    "--trials", "1", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "unknown cache policy" in bad.output

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from . import attention_methods, position_schemes
+from . import cache as cache_policies
 from .evals import report, setups
 from .evals.efficiency import efficiency
 from .evals.needle import needle
@@ -84,7 +85,10 @@ def evaluation(kind: str, total: Callable[..., int]):
         @click.option("--position", default=None, help="rotary position scheme (see `longreach methods`)")
         @click.option("--factor", default=None, type=float,
                       help="position rescaling factor [default: longest length / trained length]")
-        @click.option("--option", "options", multiple=True, help="method or scheme option KEY=VALUE (repeatable)")
+        @click.option("--option", "options", multiple=True,
+                      help="method, scheme or cache option KEY=VALUE (repeatable)")
+        @click.option("--cache", default=None, help="generate with a cache policy (see `longreach methods`), "
+                      "e.g. --cache token_select --option budget=2048")
         @click.option("--compare", default=None,
                       help="comma-separated setups (baseline, a method, a scheme or method+scheme), "
                            f"or 'default' = {','.join(setups.DEFAULT_COMPARISON)}")
@@ -94,7 +98,7 @@ def evaluation(kind: str, total: Callable[..., int]):
         @click.option("--out", default="longreach_results", show_default=True, type=click.Path(path_type=Path),
                       help="directory for the JSON records and the PNG plot")
         @wraps(run)
-        def command(model_spec, attention, position, factor, options, compare, lengths, device, dtype, out,
+        def command(model_spec, attention, position, factor, options, cache, compare, lengths, device, dtype, out,
                     **kwargs):
             names = setup_names(attention, position, compare)
             lengths = parse_lengths(lengths)
@@ -108,14 +112,16 @@ def evaluation(kind: str, total: Callable[..., int]):
                           if kind in ("passkey", "needle") else "run") as bar:
                     for name in names:
                         bar.set_postfix_str(name)
-                        config = setups.apply(model, name, factor=factor, lengths=lengths, options=extra)
+                        config = setups.apply(model, name, factor=factor, lengths=lengths, options=extra,
+                                              cache=cache)
                         for record in run(model, tokenizer, lengths=lengths, progress=bar.update, **kwargs):
                             records.append({"setup": name, "factor": config.get("factor"), **record})
             except ValueError as error:
                 raise click.UsageError(str(error)) from None
             click.echo(report.table(kind, records))
             json_path, png_path = report.save(kind, records, out, {"model": model_spec, "device": device,
-                                                                  "dtype": dtype, "options": extra, "command": kind})
+                                                                  "dtype": dtype, "options": extra, "cache": cache,
+                                                                  "command": kind})
             click.echo(f"wrote {json_path} and {png_path}")
 
         return command
@@ -130,12 +136,15 @@ def main() -> None:
 
 @main.command()
 def methods() -> None:
-    """List the attention methods and position schemes."""
+    """List the attention methods, position schemes and cache policies."""
     click.echo("attention methods:")
     for name, summary in attention_methods().items():
         click.echo(f"  {name:<13} {summary}")
     click.echo("position schemes:")
     for name, options in position_schemes().items():
+        click.echo(f"  {name:<13} options: {', '.join(options)}")
+    click.echo("cache policies (--cache):")
+    for name, options in cache_policies.OPTIONS.items():
         click.echo(f"  {name:<13} options: {', '.join(options)}")
 
 

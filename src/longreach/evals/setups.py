@@ -33,12 +33,16 @@ def factor_for(model, lengths: Sequence[int]) -> float:
     return float(max(1, math.ceil(max(lengths) / model.config.max_position_embeddings)))
 
 
-def apply(model, spec: str, *, factor: float | None, lengths: Sequence[int], options: dict | None = None) -> dict:
-    """Configure ``model`` (from its loaded state) as ``spec``; returns the configuration used."""
+def apply(model, spec: str, *, factor: float | None, lengths: Sequence[int], options: dict | None = None,
+          cache: str | None = None) -> dict:
+    """Configure ``model`` (from its loaded state) as ``spec``, generating with the ``cache`` policy if
+    given (its options among ``options``); returns the configuration used."""
     config = parse(spec)
     restore(model)
     if "position" in config and config["position"] in ("linear", "ntk", "dynamic_ntk", "yarn"):
         config["factor"] = factor if factor is not None else factor_for(model, lengths)
+    if cache is not None:
+        config["cache"] = cache
     if config:
         extend(model, **config, **(options or {}))
     return config
