@@ -1,4 +1,6 @@
-"""The only module that knows transformers: attention registry, rotary hand-over, extend/restore.
+"""The glue to transformers models: attention registry, rotary hand-over, cache wiring, extend/restore.
+
+(``longreach.cache`` subclasses transformers' cache classes; no other module touches a model's internals.)
 
 How RoPE reaches the methods un-applied without copying model code: the model's rotary module is
 swapped for one that returns cos = 1 and sin = 0 (stride-0 broadcasts), so the model's own
