@@ -7,6 +7,11 @@ their values): the full cache with all of them, ``token_select`` likewise (it ke
 forward per token through the cache) is timed: per-token latency, the attention time of the step
 (CUDA events around the attention function of every layer, selection and eviction included) and the
 bytes the cache holds. The full cache runs transformers' own SDPA attention.
+
+Then the static caches (``full``, ``token_select``) are decoded by ``longreach.decode.GraphDecoder``
+from a CUDA graph: per-token latency, one layer's attention replayed alone from its own graph (times
+the layer count) and, for the full cache, the bandwidth bound: (weight bytes + cache bytes read) /
+the measured device-to-device copy bandwidth.
 """
 
 from __future__ import annotations
