@@ -32,7 +32,7 @@ from longreach.attention import Positions
 from longreach.cache import PolicyCache, make_cache
 from longreach.cache.static import make_static_cache
 from longreach.cli import parse_lengths
-from longreach.decode import GraphDecoder
+from longreach.decode import GraphDecoder, capture_graph
 from longreach.hf import PREFIX, register
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -147,25 +147,22 @@ def run(model, context: int, steps: int) -> list[dict]:
     return records
 
 
-def graph_ms(fn, replays: int = 20) -> float:
-    """Median milliseconds of ``fn`` replayed from a CUDA graph (GPU time, no launch overhead)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+def median_ms(fn, repeats: int) -> float:
+    """Median milliseconds of ``fn`` between CUDA events, synchronised after each call."""
     times = []
-    for _ in range(replays):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graph.replay()
+        fn()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_ms(fn, replays: int = 20) -> float:
+    """Median milliseconds of ``fn`` replayed from a CUDA graph (GPU time, no launch overhead)."""
+    return median_ms(capture_graph(fn).replay, replays)
 
 
 def copy_bandwidth() -> float:
@@ -189,7 +186,7 @@ def compiled(model, context: int, steps: int, bandwidth: float) -> list[dict]:
         fill(cache, context, config)
         decoder = GraphDecoder(model, cache, torch.zeros(1, 1, dtype=torch.long, device="cuda"), context)
         decoder.capture()
-        latency = graph_free_latency(decoder, steps)
+        latency = median_ms(decoder.step, steps)
         layer = cache.layers[0]
         q = torch.randn(1, config.num_attention_heads, 1, layer.k_head_dim, device="cuda", dtype=torch.bfloat16)
         where = Positions(torch.full((1, 1), context, device="cuda"), None, None)
@@ -204,18 +201,6 @@ def compiled(model, context: int, steps: int, bandwidth: float) -> list[dict]:
         print(records[-1], flush=True)
         del decoder, cache
     return records
-
-
-def graph_free_latency(decoder: GraphDecoder, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        decoder.step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 CLOCKS: dict[str, AttentionClock] = {}

@@ -8,6 +8,8 @@ policy saves on reading keys shows in the latency. The model must be configured 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from transformers import DynamicCache
@@ -26,6 +28,20 @@ def prefill(model, ids: Tensor, cache: PolicyCache) -> Tensor:
     for layer, source in zip(cache.layers, dynamic.layers, strict=True):
         layer.fill(source.keys, source.values, rope)
     return out.logits[:, -1:].argmax(-1)
+
+
+def capture_graph(fn: Callable[[], object], warmup: int = 1) -> torch.cuda.CUDAGraph:
+    """Run ``fn`` ``warmup`` times on a side stream (first allocations, autotuning), then capture one call."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
 
 
 class GraphDecoder:
@@ -55,15 +71,7 @@ class GraphDecoder:
         """Run ``warmup`` eager steps on a side stream, then capture one step (CUDA only)."""
         if self.token.device.type != "cuda":
             raise ValueError(f"capture needs CUDA; the decoder runs on {self.token.device} (step() runs eagerly)")
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
-                self._forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._forward()
+        self.graph = capture_graph(self._forward, warmup)
 
     def step(self) -> Tensor:
         """Decode one token; returns the (b, 1) tokens just produced (a buffer the next step overwrites)."""
