@@ -36,8 +36,8 @@ def _layer(policy: str, budget: int, options: dict) -> PolicyLayer:
     n_init = _whole("n_init", options.get("n_init", min(128, budget // 16)), 0, budget)
     n_local = _whole("n_local", options.get("n_local", min(512, budget // 4)), 1, budget - n_init)
     threshold = float(options.get("threshold", 0.9))
-    if not -1.0 <= threshold <= 1.0 + 1e-9:
-        raise ValueError(f"threshold must be a cosine similarity in [-1, 1] (above 1: never reuse), got {threshold}")
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
     return TokenSelectLayer(budget - n_init - n_local, n_init, n_local, threshold)
 
 
