@@ -4,7 +4,7 @@ import torch
 from longreach.attention.core import Positions, blocked_attention, plain_logits
 from longreach.attention.select_merge import select_blocks, select_merge
 from longreach.attention.shifted import s2, sf
-from longreach.positions import default
+from longreach.positions import default, yarn
 
 pytest.importorskip("triton")
 from longreach.kernels.block_sparse import block_sparse_attention  # noqa: E402
@@ -91,12 +91,15 @@ def test_empty_lists_give_zero_output_and_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("q_len", [100, 30])
-def test_select_merge_rotary_in_kernel(dtype, q_len):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_select_merge_rotary_in_kernel(dtype, q_len, scaled):
     q, k, v = inputs(1, 4, 2, q_len, 100, 32, dtype)
-    rope = default(32, 10000.0)
+    # yarn multiplies cos and sin by its temperature, which the kernel folds into the in-block turn.
+    rope = yarn(32, 10000.0, 4.0, 64) if scaled else default(32, 10000.0)
+    assert (rope.scaling != 1.0) == scaled
     opts = dict(block_size=16, top_k=2, local=1, sink=1)
     table = select_blocks(q, k, **opts)
-    out = block_sparse_attention(q, k, v, table, block_size=16, inv_freq=rope.inv_freq)
+    out = block_sparse_attention(q, k, v, table, block_size=16, inv_freq=rope.inv_freq, rotary_scaling=rope.scaling)
     rq, rk, rv = upcast(q, k, v)
     ref = select_merge(rq, rk, rv, positions=Positions.contiguous(1, q_len, 100, DEVICE), rope=rope, **opts)
     close(out, ref, dtype)

@@ -9,10 +9,12 @@ Per (query, key) pair the kernel masks: causal and in range always; with ``windo
 With ``rotary`` the kernel applies select-and-merge's positions on selected tokens: the key at
 slot s, offset t sits at s * B + t and the query at its own (last) slot's position. Since rotations
 in one plane compose, R(a) q . R(b) k = R(t_q) q . R(delta B) R(t_k) k with delta = s - own slot:
-q and k are turned by their offset inside the block once, outside the kernel, and the kernel turns
-each key block by delta * B, a single d/2 vector of cos/sin per block. Structure after the Triton
-fused-attention tutorial (online softmax in base 2, no L x L tensor); the backward recomputes
-probabilities from the saved log-sum-exp.
+q and k are turned by their offset inside the block once (one pass, :func:`_turn_kernel`), the
+kernels turn each key block by delta * B, a single d/2 vector of cos/sin per block, and the
+backward kernels turn dq and dk back by the in-block offset as they store them. Structure after
+the Triton fused-attention tutorial (online softmax in base 2, no L x L tensor); the backward
+recomputes probabilities from the saved log-sum-exp, and the dQ kernel forms delta = rowsum(dO * O)
+for the dK/dV kernel, so no pass outside the kernels touches the (b, h, L, d) tensors.
 """
 
 from __future__ import annotations
@@ -67,6 +69,34 @@ def _key_block(base, rows, ok, stride, COS, SIN, turn, HALF: tl.constexpr, ROTAR
         r1, r2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
         k1, k2 = r1.to(k1.dtype), r2.to(k2.dtype)
     return k1, k2
+
+
+@triton.jit
+def _turn_kernel(X, Y, COS, SIN, sxb, sxh, sxm, H, L, FIRST,
+                 ROWS: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
+    # Rows of x (b, h, L, d), row i at index FIRST + i, turned by their offset inside their block.
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    ok = r < L
+    x1, x2 = _load_halves(X + b * sxb + h * sxh, r, ok, sxm, HALF)
+    c, s = _offset_turn(COS, SIN, (FIRST + r) % BLOCK, HALF)
+    y1, y2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), c, s, False)
+    _store_halves(Y + b * sxb + h * sxh, r, ok, sxm, y1, y2, HALF)
+
+
+@triton.jit
+def _offset_turn(COS, SIN, offset, HALF: tl.constexpr):
+    # cos and sin (rows, HALF) of the in-block turn for each row's offset.
+    ptr = offset[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    return tl.load(COS + ptr), tl.load(SIN + ptr)
+
+
+@triton.jit
+def _store_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
+    ptr = base + rows[:, None] * stride + tl.arange(0, HALF)[None, :]
+    tl.store(ptr, y1.to(base.dtype.element_ty), mask=ok[:, None])
+    tl.store(ptr + HALF, y2.to(base.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -144,7 +174,7 @@ def _fwd_kernel(
 @triton.autotune(configs=CONFIGS, key=KEYS)
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, TABLE, COUNT, COS, SIN,
+    Q, K, V, OUT, DO, DQ, LSE, DELTA, TABLE, COUNT, COS, SIN, TCOS, TSIN,
     sqb, sqh, sqm, skb, skh, skn,
     stb, sth, stm, scb, sch,
     H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, WIDTH, qk_scale, sm_scale,
@@ -158,15 +188,16 @@ def _dq_kernel(
     h = bh % H
     hk = h // GROUP_HEADS
     t = tl.arange(0, BLOCK)
-    dh = tl.arange(0, HALF)
     q_idx = (START_BLOCK + m) * BLOCK + t
     q_row = q_idx - FIRST
     q_ok = (q_row >= 0) & (q_idx < Lk)
-    off = b * sqb + h * sqh + q_row[:, None] * sqm
-    q1, q2 = _load_halves(Q + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
-    do1, do2 = _load_halves(DO + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
+    row_base = b * sqb + h * sqh
+    q1, q2 = _load_halves(Q + row_base, q_row, q_ok, sqm, HALF)
+    do1, do2 = _load_halves(DO + row_base, q_row, q_ok, sqm, HALF)
+    o1, o2 = _load_halves(OUT + row_base, q_row, q_ok, sqm, HALF)
+    delta = tl.sum(do1.to(tl.float32) * o1.to(tl.float32) + do2.to(tl.float32) * o2.to(tl.float32), 1)
+    tl.store(DELTA + bh * Lq + q_row, delta, mask=q_ok)
     lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
     n = tl.load(COUNT + b * scb + h * sch + m)
     dq1 = tl.zeros([BLOCK, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK, HALF], tl.float32)
@@ -187,31 +218,35 @@ def _dq_kernel(
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
         dq1 += tl.dot(ds, k1, input_precision=DOT)
         dq2 += tl.dot(ds, k2, input_precision=DOT)
-    tl.store(DQ + off + dh[None, :], (dq1 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
-    tl.store(DQ + off + HALF + dh[None, :], (dq2 * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+    if ROTARY:
+        # q was turned by its in-block offset before the kernels: turn its gradient back.
+        c, s = _offset_turn(TCOS, TSIN, t, HALF)
+        dq1, dq2 = _rotate(dq1, dq2, c, s, True)
+    _store_halves(DQ + row_base, q_row, q_ok, sqm, dq1 * sm_scale, dq2 * sm_scale, HALF)
 
 
 @triton.autotune(configs=CONFIGS, key=KEYS)
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN,
+    Q, K, V, DO, DK, DV, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN, TCOS, TSIN,
     sqb, sqh, sqm, skb, skh, skn, scb, sch,
     H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, WIDTH, NK, qk_scale, sm_scale,
     SINK, WINDOW, GROUP, SHIFT,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr,
 ):
-    j = tl.program_id(0)
-    bhk = tl.program_id(1)
+    # Heads vary fastest, so the long lists of the first (sink) blocks start first, not last.
+    bhk = tl.program_id(0)
+    j = tl.program_id(1)
     b = bhk // HKV
     hk = bhk % HKV
     t = tl.arange(0, BLOCK)
     dh = tl.arange(0, HALF)
     k_idx = j * BLOCK + t
     k_in = k_idx < Lk
-    koff = b * skb + hk * skh + k_idx[:, None] * skn
-    k1, k2 = _load_halves(K + b * skb + hk * skh, k_idx, k_in, skn, HALF)
-    v1, v2 = _load_halves(V + b * skb + hk * skh, k_idx, k_in, skn, HALF)
+    kv_base = b * skb + hk * skh
+    k1, k2 = _load_halves(K + kv_base, k_idx, k_in, skn, HALF)
+    v1, v2 = _load_halves(V + kv_base, k_idx, k_in, skn, HALF)
     dk1 = tl.zeros([BLOCK, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK, HALF], tl.float32)
     dv1 = tl.zeros([BLOCK, HALF], tl.float32)
@@ -240,8 +275,10 @@ def _dkv_kernel(
                 kk1, kk2 = kk1.to(K.dtype.element_ty), kk2.to(K.dtype.element_ty)
             # Transposed scores: rows are keys, columns queries.
             qkT = _dot_t(kk1, kk2, q1, q2, DOT) * qk_scale
-            okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
-            pT = tl.where(okT, tl.math.exp2(qkT - lse[None, :]), 0.0)
+            pT = tl.math.exp2(qkT - lse[None, :])
+            if TOKEN_MASK or START_BLOCK + m == j:
+                okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
+                pT = tl.where(okT, pT, 0.0)
             dv1 += tl.dot(pT.to(DO.dtype.element_ty), do1, input_precision=DOT)
             dv2 += tl.dot(pT.to(DO.dtype.element_ty), do2, input_precision=DOT)
             dpT = _dot_t(v1, v2, do1, do2, DOT)
@@ -252,10 +289,11 @@ def _dkv_kernel(
                 g1, g2 = _rotate(g1, g2, kc, ks, True)
             dk1 += g1
             dk2 += g2
-    tl.store(DK + koff + dh[None, :], (dk1 * sm_scale).to(DK.dtype.element_ty), mask=k_in[:, None])
-    tl.store(DK + koff + HALF + dh[None, :], (dk2 * sm_scale).to(DK.dtype.element_ty), mask=k_in[:, None])
-    tl.store(DV + koff + dh[None, :], dv1.to(DV.dtype.element_ty), mask=k_in[:, None])
-    tl.store(DV + koff + HALF + dh[None, :], dv2.to(DV.dtype.element_ty), mask=k_in[:, None])
+    if ROTARY:
+        c, s = _offset_turn(TCOS, TSIN, t, HALF)
+        dk1, dk2 = _rotate(dk1, dk2, c, s, True)
+    _store_halves(DK + kv_base, k_idx, k_in, skn, dk1 * sm_scale, dk2 * sm_scale, HALF)
+    _store_halves(DV + kv_base, k_idx, k_in, skn, dv1, dv2, HALF)
 
 
 def compact(table: Tensor) -> tuple[Tensor, Tensor]:
@@ -278,22 +316,27 @@ def transpose(table: Tensor, count: Tensor, n_key_blocks: int) -> tuple[Tensor, 
     return offsets, mi[order].int().contiguous(), si[order].int().contiguous()
 
 
-def block_turns(inv_freq: Tensor, width: int, block: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos and sin (width, d/2) float32 of the turn by delta * block, row r holding delta = r - width + 1
-    (the kernel reads row slot - count + width: the own, last slot turns by 0)."""
-    delta = torch.arange(1 - width, 1, device=device, dtype=torch.float32) * block
-    angles = delta[:, None] * inv_freq.to(device).float()
-    return angles.cos().contiguous(), angles.sin().contiguous()
+def rotary_turns(inv_freq: Tensor, width: int, block: int, scaling: float,
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """float32 cos and sin of the two turns of merged positions: (width, d/2) by delta * block, row r
+    holding delta = r - width + 1 (the kernels read row slot - count + width, so the own, last slot
+    turns by 0); then (block, d/2), times ``scaling``, by each offset inside a block."""
+    freq = inv_freq.to(device).float()
+    slots = torch.arange(1 - width, 1, device=device, dtype=torch.float32)[:, None] * block * freq
+    offsets = torch.arange(block, device=device, dtype=torch.float32)[:, None] * freq
+    turns = (slots.cos(), slots.sin(), offsets.cos() * scaling, offsets.sin() * scaling)
+    return tuple(x.contiguous() for x in turns)
 
 
-def turn_within_blocks(x: Tensor, first: int, block: int, inv_freq: Tensor, scaling: float) -> Tensor:
-    """Rotate x (b, h, L, d), row i at index first + i, by its offset inside its block (times scaling)."""
-    offset = (first + torch.arange(x.shape[2], device=x.device)) % block
-    angles = offset.float()[:, None] * inv_freq.to(x.device).float()
-    emb = torch.cat((angles, angles), dim=-1)
-    cos, sin = (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def turn_within_blocks(x: Tensor, first: int, block: int, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (b, h, L, d) contiguous, row i at index first + i, rotated by its offset inside its block
+    with the (block, d/2) ``cos``/``sin`` of :func:`rotary_turns`; one read and one write of x."""
+    b, h, length, d = x.shape
+    out = torch.empty_like(x)
+    rows = 64
+    _turn_kernel[(triton.cdiv(length, rows), b * h)](x, out, cos, sin, *_strides(x), h, length, first,
+                                                    ROWS=rows, BLOCK=block, HALF=d // 2)
+    return out
 
 
 def _strides(x: Tensor) -> tuple[int, int, int]:
@@ -302,37 +345,40 @@ def _strides(x: Tensor) -> tuple[int, int, int]:
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, table, count, block, scale, cos, sin, token_rule):
+    def forward(ctx, q, k, v, table, count, block, scale, turns, token_rule):
         b, h, q_len, d = q.shape
         h_kv, k_len = k.shape[1], k.shape[2]
         first = k_len - q_len
-        rotary = cos is not None
-        if not rotary:
-            cos = sin = q.new_empty(1, dtype=torch.float32)
+        rotary = turns is not None
+        if rotary:
+            q = turn_within_blocks(q, first, block, *turns[2:])
+            k = turn_within_blocks(k, 0, block, *turns[2:])
+        else:
+            turns = (q.new_empty(1, dtype=torch.float32),) * 4
         out = torch.empty_like(q)
         lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
         _fwd_kernel[(table.shape[2], b * h)](
-            q, k, v, out, lse, table, count, cos, sin,
+            q, k, v, out, lse, table, count, *turns[:2],
             *_strides(q), *_strides(k), *_strides(out), *_strides(table), count.stride(0), count.stride(1),
             h, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], scale * LOG2E, *token_rule,
             **_meta(block, d, rotary, token_rule, q.dtype),
         )
-        ctx.save_for_backward(q, k, v, out, lse, table, count, cos, sin)
+        ctx.save_for_backward(q, k, v, out, lse, table, count, *turns)
         ctx.scale, ctx.rotary, ctx.token_rule, ctx.block = scale, rotary, token_rule, block
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, table, count, cos, sin = ctx.saved_tensors
+        q, k, v, out, lse, table, count, *turns = ctx.saved_tensors
         grad = grad.contiguous()
         b, h, q_len, d = q.shape
         h_kv, k_len = k.shape[1], k.shape[2]
         block, first, scale = ctx.block, k_len - q_len, ctx.scale
         meta = _meta(block, d, ctx.rotary, ctx.token_rule, q.dtype)
-        delta = (grad.float() * out.float()).sum(-1).contiguous()
+        delta = torch.empty_like(lse)
         dq = torch.empty_like(q)
         _dq_kernel[(table.shape[2], b * h)](
-            q, k, v, grad, dq, lse, delta, table, count, cos, sin,
+            q, k, v, out, grad, dq, lse, delta, table, count, *turns,
             *_strides(q), *_strides(k), *_strides(table), count.stride(0), count.stride(1),
             h, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], scale * LOG2E, scale, *ctx.token_rule,
             **meta,
@@ -340,14 +386,14 @@ class _BlockSparseAttention(torch.autograd.Function):
         n_key_blocks = -(-k_len // block)
         offsets, csr_m, csr_slot = transpose(table, count, n_key_blocks)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _dkv_kernel[(n_key_blocks, b * h_kv)](
-            q, k, v, grad, dk, dv, lse, delta, count, offsets, csr_m, csr_slot, cos, sin,
+        _dkv_kernel[(b * h_kv, n_key_blocks)](
+            q, k, v, grad, dk, dv, lse, delta, count, offsets, csr_m, csr_slot, *turns,
             *_strides(q), *_strides(k), count.stride(0), count.stride(1),
             h, h_kv, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], n_key_blocks, scale * LOG2E,
             scale,
             *ctx.token_rule, **meta,
         )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _meta(block: int, dim: int, rotary: bool, token_rule: tuple[int, int, int, int], dtype: torch.dtype) -> dict:
@@ -382,16 +428,13 @@ def block_sparse_attention(
     if not supports(q, block_size):
         raise ValueError(f"block-sparse kernel: head_dim must be in {HEAD_DIMS} and block_size in {BLOCK_SIZES}, "
                          f"got head_dim={q.shape[-1]}, block_size={block_size}, dtype={q.dtype}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    table, count = compact(table)
-    cos = sin = None
-    if inv_freq is not None:
-        cos, sin = block_turns(inv_freq, table.shape[-1], block_size, q.device)
-        first = k.shape[2] - q.shape[2]
-        q = turn_within_blocks(q, first, block_size, inv_freq, rotary_scaling)
-        k = turn_within_blocks(k, 0, block_size, inv_freq, rotary_scaling)
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"block-sparse kernel: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    table, count = compact(table)
+    turns = None
+    if inv_freq is not None:
+        turns = rotary_turns(inv_freq, table.shape[-1], block_size, rotary_scaling, q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     rule = (int(sink), int(window), int(group), int(shift))
-    return _BlockSparseAttention.apply(q, k, v, table, count, block_size, scale, cos, sin, rule)
+    return _BlockSparseAttention.apply(q, k, v, table, count, block_size, scale, turns, rule)
