@@ -26,6 +26,8 @@ from torch import Tensor
 from .. import kernels
 from ..positions import Rope
 from .core import (
+    TILE_ELEMENTS,
+    TILE_ELEMENTS_CUDA,
     Logits,
     Positions,
     Tile,
@@ -59,7 +61,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
 
     q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. The
     correlation scores are formed for a bounded number of query blocks at a time, so memory stays
-    O(L) plus one (chunk x L/B) score tile per kv head.
+    O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
     """
     group = check_shapes(q, k, k)
     b, h, q_len, d = q.shape
@@ -75,7 +77,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     near = torch.where((near >= sink) & (near >= 0), near, n_k)
     picked = torch.full((b, k.shape[1], n_q, top_k), n_k, dtype=torch.long, device=device)
     take = min(top_k, n_k)
-    rows = max(1, (1 << 22) // max(1, b * k.shape[1] * n_k))
+    budget = TILE_ELEMENTS_CUDA if q.is_cuda else TILE_ELEMENTS
+    rows = max(1, budget // max(1, b * k.shape[1] * n_k))
     key_block = torch.arange(n_k, device=device)
     for lo in range(0, n_q if take else 0, rows):
         qb = q_block[lo : lo + rows]

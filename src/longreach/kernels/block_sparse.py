@@ -33,7 +33,7 @@ KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT"]
 # The interpreter (CPU tests) needs no tuning; on a GPU pick among a few pipelines per shape class.
 CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)]
 if os.environ.get("TRITON_INTERPRET") != "1":
-    CONFIGS += [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (8, 2), (8, 3))]
+    CONFIGS += [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4), (8, 2), (8, 3), (8, 4))]
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def _rotate(x1, x2, cos, sin, INVERSE: tl.constexpr):
 @triton.jit
 def _dot_t(a1, a2, b1, b2, DOT: tl.constexpr):
     # [a1 a2] @ [b1 b2]^T over the two rotary halves of the head dimension.
-    return tl.dot(a1, tl.trans(b1), input_precision=DOT) + tl.dot(a2, tl.trans(b2), input_precision=DOT)
+    return tl.dot(a2, tl.trans(b2), tl.dot(a1, tl.trans(b1), input_precision=DOT), input_precision=DOT)
 
 
 @triton.jit
@@ -159,8 +159,8 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v1, v2 = _load_halves(v_base, k_idx, k_in, skn, HALF)
         p = p.to(V.dtype.element_ty)
-        acc1 = acc1 * alpha[:, None] + tl.dot(p, v1, input_precision=DOT)
-        acc2 = acc2 * alpha[:, None] + tl.dot(p, v2, input_precision=DOT)
+        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT)
+        acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT)
         m_i = m_new
     empty = l_i == 0.0
     denom = tl.where(empty, 1.0, l_i)
@@ -216,8 +216,8 @@ def _dq_kernel(
         v1, v2 = _load_halves(v_base, k_idx, k_in, skn, HALF)
         dp = _dot_t(do1, do2, v1, v2, DOT)
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
-        dq1 += tl.dot(ds, k1, input_precision=DOT)
-        dq2 += tl.dot(ds, k2, input_precision=DOT)
+        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT)
+        dq2 = tl.dot(ds, k2, dq2, input_precision=DOT)
     if ROTARY:
         # q was turned by its in-block offset before the kernels: turn its gradient back.
         c, s = _offset_turn(TCOS, TSIN, t, HALF)
@@ -265,30 +265,25 @@ def _dkv_kernel(
             do1, do2 = _load_halves(DO + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
             lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
-            kk1 = k1
-            kk2 = k2
             if ROTARY:
+                # R(delta B) k . q = k . R(-delta B) q: turning q back leaves k and dk in one frame.
                 r = tl.load(CSR_SLOT + e) - tl.load(COUNT + b * scb + h * sch + m) + WIDTH
-                kc = tl.load(COS + r * HALF + dh)[None, :]
-                ks = tl.load(SIN + r * HALF + dh)[None, :]
-                kk1, kk2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), kc, ks, False)
-                kk1, kk2 = kk1.to(K.dtype.element_ty), kk2.to(K.dtype.element_ty)
+                qc = tl.load(COS + r * HALF + dh)[None, :]
+                qs = tl.load(SIN + r * HALF + dh)[None, :]
+                r1, r2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), qc, qs, True)
+                q1, q2 = r1.to(Q.dtype.element_ty), r2.to(Q.dtype.element_ty)
             # Transposed scores: rows are keys, columns queries.
-            qkT = _dot_t(kk1, kk2, q1, q2, DOT) * qk_scale
+            qkT = _dot_t(k1, k2, q1, q2, DOT) * qk_scale
             pT = tl.math.exp2(qkT - lse[None, :])
             if TOKEN_MASK or START_BLOCK + m == j:
                 okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
                 pT = tl.where(okT, pT, 0.0)
-            dv1 += tl.dot(pT.to(DO.dtype.element_ty), do1, input_precision=DOT)
-            dv2 += tl.dot(pT.to(DO.dtype.element_ty), do2, input_precision=DOT)
+            dv1 = tl.dot(pT.to(DO.dtype.element_ty), do1, dv1, input_precision=DOT)
+            dv2 = tl.dot(pT.to(DO.dtype.element_ty), do2, dv2, input_precision=DOT)
             dpT = _dot_t(v1, v2, do1, do2, DOT)
             dsT = (pT * (dpT - delta[None, :])).to(Q.dtype.element_ty)
-            g1 = tl.dot(dsT, q1, input_precision=DOT)
-            g2 = tl.dot(dsT, q2, input_precision=DOT)
-            if ROTARY:
-                g1, g2 = _rotate(g1, g2, kc, ks, True)
-            dk1 += g1
-            dk2 += g2
+            dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT)
+            dk2 = tl.dot(dsT, q2, dk2, input_precision=DOT)
     if ROTARY:
         c, s = _offset_turn(TCOS, TSIN, t, HALF)
         dk1, dk2 = _rotate(dk1, dk2, c, s, True)
