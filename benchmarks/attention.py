@@ -6,7 +6,11 @@ the identical block mask (built from the same table with BlockMask.from_kv_block
 tensor; non-diagonal blocks marked full so Flex skips their mask). Forward and forward+backward
 median times (CUDA events, triton.testing.do_bench), peak memory of forward+backward, and TFLOP/s
 counting only the blocks computed (fwd 4*B*B*d per block pair, fwd+bwd 3.5x that; SDPA: the causal
-half). Writes JSON and a plot.
+half). For the kernel rows also the device time of the Triton kernels alone (torch.profiler over
+ten steps, without the table compaction and launch gaps): ``kernel_fwd_ms`` (the forward kernel)
+and ``kernel_fwdbwd_ms`` (forward, dQ, dK/dV and the in-block rotary pass). select_merge's kernel
+also runs with ``position_mode="absolute"`` (q and k rotated outside, no rotary in the kernel), to
+show what the merged-position turn costs. Writes JSON and a plot.
 
     python benchmarks/attention.py --out DIR [--lengths 8192,16384] [--heads 32] [--dim 128]
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from longreach.attention import METHODS
@@ -153,6 +158,19 @@ def measure(fn, inputs, grad) -> dict:
     return {"fwd_ms": fwd, "fwdbwd_ms": both, "peak_extra_gib": peak}
 
 
+def kernel_times(fn, inputs, grad, steps: int = 10) -> dict:
+    """Per-step device ms of longreach's Triton kernels alone, from the profiler's kernel events."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn(*inputs).backward(grad)
+            for x in inputs:
+                x.grad = None
+        torch.cuda.synchronize()
+    times = {e.key: e.device_time_total / steps / 1e3 for e in prof.key_averages()}
+    kernels = ("_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_turn_kernel")
+    return {"kernel_fwd_ms": times["_fwd_kernel"], "kernel_fwdbwd_ms": sum(times.get(n, 0.0) for n in kernels)}
+
+
 def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dict]:
     """Whole method, kernel alone and Flex on the same mask, for one method at one length."""
     length, dim = q.shape[2], q.shape[3]
@@ -162,11 +180,14 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dic
     with torch.no_grad():
         table, block, rule = method_table(name, q, k)
     flops = 4 * float(compact(table)[1].sum()) * block * block * dim
-    merged = name == "select_merge"
-    kernel = measure(lambda a, b, c: sparse_attention(a, b, c, table, positions=pos, rope=rope, block_size=block,
-                                                      scale=dim**-0.5, merged_positions=merged, **rule),
-                     (q, k, v), grad)
-    rows = [("longreach", whole), ("longreach_kernel", kernel)]
+    rows = [("longreach", whole)]
+    for impl, merged in (("longreach_kernel", name == "select_merge"),
+                         *((("longreach_kernel_absolute_positions", False),) if name == "select_merge" else ())):
+        def run_kernel(a, b, c, merged=merged):
+            return sparse_attention(a, b, c, table, positions=pos, rope=rope, block_size=block, scale=dim**-0.5,
+                                    merged_positions=merged, **rule)
+
+        rows.append((impl, {**measure(run_kernel, (q, k, v), grad), **kernel_times(run_kernel, (q, k, v), grad)}))
     if name in FLEX:
         run_flex, how = flex_runner(table, block, length, rule, q, k, v, grad)
         rows.append(("flex_same_mask", {**measure(run_flex, (q, k, v), grad), "flex_layout": how}))
@@ -195,6 +216,9 @@ def run(lengths, heads, dim, out: Path, dtype=torch.bfloat16) -> dict:
         for r in records:
             r["fwd_tflops"] = r["fwd_flops"] / r["fwd_ms"] / 1e9
             r["fwdbwd_tflops"] = 3.5 * r["fwd_flops"] / r["fwdbwd_ms"] / 1e9
+            if "kernel_fwd_ms" in r:
+                r["kernel_fwd_tflops"] = r["fwd_flops"] / r["kernel_fwd_ms"] / 1e9
+                r["kernel_fwdbwd_tflops"] = 3.5 * r["fwd_flops"] / r["kernel_fwdbwd_ms"] / 1e9
         result = {
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "python": platform.python_version(),
