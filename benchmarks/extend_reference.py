@@ -30,13 +30,18 @@ from longreach.reference_model.data import Batches
 from longreach.train import FinetuneConfig, finetune, prepare
 from longreach.train.data import token_stream
 
-# How each training method is run at inference, and with which NTK factors. select_merge keeps its
-# sparse attention: its merged positions span at most (sink + top_k + local + 1) blocks, so the
-# factor that covers them is that span over the trained length (2 for the defaults); the extension
-# factor is evaluated too. s2 is a training-time device, so (as LongLoRA) it infers densely.
+# How each training method is run at inference: (setup, NTK factor, method options), None standing
+# for the extension factor. select_merge keeps its sparse attention: its merged positions span at
+# most (sink + top_k + local + 1) blocks, so the factor that covers them is that span over the
+# trained length (2 for the defaults); it also runs with a wider selection (top_k 32, which the
+# tuned factors cover) and densely, as s2 does (a training-time device, LongLoRA infers densely).
 _DEFAULTS = {k: v.default for k, v in inspect.signature(select_merge).parameters.items()}
 MERGED_SPAN = (_DEFAULTS["sink"] + _DEFAULTS["top_k"] + _DEFAULTS["local"] + 1) * _DEFAULTS["block_size"]
-INFERENCE = {"select_merge": ("select_merge+ntk", [math.ceil(MERGED_SPAN / TRAIN_LENGTH), None]), "s2": ("ntk", [None])}
+INFERENCE = {
+    "select_merge": [("select_merge+ntk", math.ceil(MERGED_SPAN / TRAIN_LENGTH), {}), ("select_merge+ntk", None, {}),
+                     ("select_merge+ntk", None, {"top_k": 32}), ("ntk", None, {})],
+    "s2": [("ntk", None, {})],
+}
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -65,11 +70,11 @@ def tune(method: str, stream, args: argparse.Namespace) -> tuple[torch.nn.Module
     return merged, history
 
 
-def evaluate(model, tokenizer, name: str, spec: str, factor: float, args: argparse.Namespace) -> dict:
-    setups.apply(model, spec, factor=factor, lengths=args.eval_lengths)
+def evaluate(model, tokenizer, name: str, spec: str, factor: float, options: dict, args: argparse.Namespace) -> dict:
+    setups.apply(model, spec, factor=factor, lengths=args.eval_lengths, options=options)
     keys = passkey(model, tokenizer, args.eval_lengths, DEPTHS, trials=args.trials, batch_size=args.trials)
     ppl = perplexity(model, tokenizer, args.eval_lengths, texts=heldout_texts(), window=256, samples=8)
-    label = f"{name} ({spec} x{factor:g})"
+    label = f"{name} ({spec} x{factor:g}" + "".join(f", {k}={v}" for k, v in options.items()) + ")"
     return {"passkey": [{"setup": label, **r} for r in keys], "perplexity": [{"setup": label, **r} for r in ppl]}
 
 
@@ -129,9 +134,8 @@ def main() -> None:
             "curve": [{"step": h["step"], "loss": h["loss"], "factor": h["factor"]} for h in history[::10]]}
         print(method, {k: v for k, v in result["training"][method].items() if k != "curve"}, flush=True)
         for name, model in (("tuned " + method, tuned), ("reference", base)):
-            spec, factors = INFERENCE[method]
-            for factor in factors:
-                found = evaluate(model, tokenizer, name, spec, factor or args.length / TRAIN_LENGTH, args)
+            for spec, factor, options in INFERENCE[method]:
+                found = evaluate(model, tokenizer, name, spec, factor or args.length / TRAIN_LENGTH, options, args)
                 for kind in found:
                     result["records"][kind] += found[kind]
                 print(json.dumps(summary(found, args.eval_lengths)), flush=True)
