@@ -181,8 +181,10 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dic
         table, block, rule = method_table(name, q, k)
     flops = 4 * float(compact(table)[1].sum()) * block * block * dim
     rows = [("longreach", whole)]
-    for impl, merged in (("longreach_kernel", name == "select_merge"),
-                         *((("longreach_kernel_absolute_positions", False),) if name == "select_merge" else ())):
+    variants = [("longreach_kernel", name == "select_merge")]
+    if name == "select_merge":
+        variants.append(("longreach_kernel_absolute_positions", False))
+    for impl, merged in variants:
         def run_kernel(a, b, c, merged=merged):
             return sparse_attention(a, b, c, table, positions=pos, rope=rope, block_size=block, scale=dim**-0.5,
                                     merged_positions=merged, **rule)

@@ -25,6 +25,11 @@ TILE_ELEMENTS_CUDA = 1 << 24
 ROTATE_CHUNK = 4096
 
 
+def tile_budget(device: torch.device) -> int:
+    """How many score elements one chunk of work may hold on ``device``."""
+    return TILE_ELEMENTS_CUDA if device.type == "cuda" else TILE_ELEMENTS
+
+
 @dataclass(frozen=True)
 class Positions:
     """Rotary position ids of the queries (batch, Lq) and keys (batch, Lk), and a key mask.
@@ -179,7 +184,7 @@ def blocked_attention(
     group = check_shapes(q, keys[0], v)
     keys, v = tuple(repeat_kv(k, group) for k in keys), repeat_kv(v, group)
     device = q.device
-    tile_elements = TILE_ELEMENTS_CUDA if device.type == "cuda" else TILE_ELEMENTS
+    tile_elements = tile_budget(device)
     B = block_size
     if key_blocks is None:  # rows play no role in a dense span: take as many as fit one tile
         B = max(1, min(block_size, tile_elements // (batch * heads * k_len)))

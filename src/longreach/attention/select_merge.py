@@ -26,8 +26,6 @@ from torch import Tensor
 from .. import kernels
 from ..positions import Rope
 from .core import (
-    TILE_ELEMENTS,
-    TILE_ELEMENTS_CUDA,
     Logits,
     Positions,
     Tile,
@@ -37,6 +35,7 @@ from .core import (
     plain_logits,
     require_rope,
     rotated_keys,
+    tile_budget,
 )
 
 
@@ -77,8 +76,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     near = torch.where((near >= sink) & (near >= 0), near, n_k)
     picked = torch.full((b, k.shape[1], n_q, top_k), n_k, dtype=torch.long, device=device)
     take = min(top_k, n_k)
-    budget = TILE_ELEMENTS_CUDA if q.is_cuda else TILE_ELEMENTS
-    rows = max(1, budget // max(1, b * k.shape[1] * n_k))
+    rows = max(1, tile_budget(q.device) // max(1, b * k.shape[1] * n_k))
     key_block = torch.arange(n_k, device=device)
     for lo in range(0, n_q if take else 0, rows):
         qb = q_block[lo : lo + rows]

@@ -59,15 +59,22 @@ def _load_halves(base, rows, ok, stride, HALF: tl.constexpr):
 
 
 @triton.jit
+def _turn_block(x1, x2, COS, SIN, turn, HALF: tl.constexpr, INVERSE: tl.constexpr):
+    # A block's halves turned (in float32, returned in their dtype) by row ``turn`` of the
+    # delta * B cos/sin tables of merged positions.
+    dh = tl.arange(0, HALF)
+    c = tl.load(COS + turn * HALF + dh)[None, :]
+    s = tl.load(SIN + turn * HALF + dh)[None, :]
+    r1, r2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), c, s, INVERSE)
+    return r1.to(x1.dtype), r2.to(x2.dtype)
+
+
+@triton.jit
 def _key_block(base, rows, ok, stride, COS, SIN, turn, HALF: tl.constexpr, ROTARY: tl.constexpr):
-    # A key block's halves, turned by row ``turn`` of the cos/sin tables for merged positions.
+    # A key block's halves, turned for merged positions.
     k1, k2 = _load_halves(base, rows, ok, stride, HALF)
     if ROTARY:
-        dh = tl.arange(0, HALF)
-        c = tl.load(COS + turn * HALF + dh)[None, :]
-        s = tl.load(SIN + turn * HALF + dh)[None, :]
-        r1, r2 = _rotate(k1.to(tl.float32), k2.to(tl.float32), c, s, False)
-        k1, k2 = r1.to(k1.dtype), r2.to(k2.dtype)
+        k1, k2 = _turn_block(k1, k2, COS, SIN, turn, HALF, False)
     return k1, k2
 
 
@@ -97,6 +104,16 @@ def _store_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
     ptr = base + rows[:, None] * stride + tl.arange(0, HALF)[None, :]
     tl.store(ptr, y1.to(base.dtype.element_ty), mask=ok[:, None])
     tl.store(ptr + HALF, y2.to(base.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _store_gradient(base, rows, ok, stride, g1, g2, TCOS, TSIN, scale, HALF: tl.constexpr, BLOCK: tl.constexpr,
+                    ROTARY: tl.constexpr):
+    # q and k were turned by their in-block offset before the kernels: turn their gradients back.
+    if ROTARY:
+        c, s = _offset_turn(TCOS, TSIN, tl.arange(0, BLOCK), HALF)
+        g1, g2 = _rotate(g1, g2, c, s, True)
+    _store_halves(base, rows, ok, stride, g1 * scale, g2 * scale, HALF)
 
 
 @triton.jit
@@ -130,7 +147,6 @@ def _fwd_kernel(
     h = bh % H
     hk = h // GROUP_HEADS
     t = tl.arange(0, BLOCK)
-    dh = tl.arange(0, HALF)
     q_idx = (START_BLOCK + m) * BLOCK + t
     q_row = q_idx - FIRST
     q_ok = (q_row >= 0) & (q_idx < Lk)
@@ -164,9 +180,7 @@ def _fwd_kernel(
         m_i = m_new
     empty = l_i == 0.0
     denom = tl.where(empty, 1.0, l_i)
-    o_ptr = Out + b * sob + h * soh + q_row[:, None] * som
-    tl.store(o_ptr + dh[None, :], (acc1 / denom[:, None]).to(Out.dtype.element_ty), mask=q_ok[:, None])
-    tl.store(o_ptr + HALF + dh[None, :], (acc2 / denom[:, None]).to(Out.dtype.element_ty), mask=q_ok[:, None])
+    _store_halves(Out + b * sob + h * soh, q_row, q_ok, som, acc1 / denom[:, None], acc2 / denom[:, None], HALF)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(denom))
     tl.store(LSE + bh * Lq + q_row, lse, mask=q_ok)
 
@@ -218,11 +232,7 @@ def _dq_kernel(
         ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
         dq1 = tl.dot(ds, k1, dq1, input_precision=DOT)
         dq2 = tl.dot(ds, k2, dq2, input_precision=DOT)
-    if ROTARY:
-        # q was turned by its in-block offset before the kernels: turn its gradient back.
-        c, s = _offset_turn(TCOS, TSIN, t, HALF)
-        dq1, dq2 = _rotate(dq1, dq2, c, s, True)
-    _store_halves(DQ + row_base, q_row, q_ok, sqm, dq1 * sm_scale, dq2 * sm_scale, HALF)
+    _store_gradient(DQ + row_base, q_row, q_ok, sqm, dq1, dq2, TCOS, TSIN, sm_scale, HALF, BLOCK, ROTARY)
 
 
 @triton.autotune(configs=CONFIGS, key=KEYS)
@@ -241,7 +251,6 @@ def _dkv_kernel(
     b = bhk // HKV
     hk = bhk % HKV
     t = tl.arange(0, BLOCK)
-    dh = tl.arange(0, HALF)
     k_idx = j * BLOCK + t
     k_in = k_idx < Lk
     kv_base = b * skb + hk * skh
@@ -267,11 +276,8 @@ def _dkv_kernel(
             delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
             if ROTARY:
                 # R(delta B) k . q = k . R(-delta B) q: turning q back leaves k and dk in one frame.
-                r = tl.load(CSR_SLOT + e) - tl.load(COUNT + b * scb + h * sch + m) + WIDTH
-                qc = tl.load(COS + r * HALF + dh)[None, :]
-                qs = tl.load(SIN + r * HALF + dh)[None, :]
-                r1, r2 = _rotate(q1.to(tl.float32), q2.to(tl.float32), qc, qs, True)
-                q1, q2 = r1.to(Q.dtype.element_ty), r2.to(Q.dtype.element_ty)
+                turn = tl.load(CSR_SLOT + e) - tl.load(COUNT + b * scb + h * sch + m) + WIDTH
+                q1, q2 = _turn_block(q1, q2, COS, SIN, turn, HALF, True)
             # Transposed scores: rows are keys, columns queries.
             qkT = _dot_t(k1, k2, q1, q2, DOT) * qk_scale
             pT = tl.math.exp2(qkT - lse[None, :])
@@ -284,10 +290,7 @@ def _dkv_kernel(
             dsT = (pT * (dpT - delta[None, :])).to(Q.dtype.element_ty)
             dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT)
             dk2 = tl.dot(dsT, q2, dk2, input_precision=DOT)
-    if ROTARY:
-        c, s = _offset_turn(TCOS, TSIN, t, HALF)
-        dk1, dk2 = _rotate(dk1, dk2, c, s, True)
-    _store_halves(DK + kv_base, k_idx, k_in, skn, dk1 * sm_scale, dk2 * sm_scale, HALF)
+    _store_gradient(DK + kv_base, k_idx, k_in, skn, dk1, dk2, TCOS, TSIN, sm_scale, HALF, BLOCK, ROTARY)
     _store_halves(DV + kv_base, k_idx, k_in, skn, dv1, dv2, HALF)
 
 
