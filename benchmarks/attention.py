@@ -7,10 +7,13 @@ tensor; non-diagonal blocks marked full so Flex skips their mask). Forward and f
 median times (CUDA events, triton.testing.do_bench), peak memory of forward+backward, and TFLOP/s
 counting only the blocks computed (fwd 4*B*B*d per block pair, fwd+bwd 3.5x that; SDPA: the causal
 half). For the kernel rows also the device time of the Triton kernels alone (torch.profiler over
-ten steps, without the table compaction and launch gaps): ``kernel_fwd_ms`` (the forward kernel)
-and ``kernel_fwdbwd_ms`` (forward, dQ, dK/dV and the in-block rotary pass). select_merge's kernel
+five steps, without the table compaction and launch gaps): ``kernel_fwd_ms`` (the forward kernel)
+and ``kernel_fwdbwd_ms`` (forward, dQ, dK/dV and the rotary passes). select_merge's kernel
 also runs with ``position_mode="absolute"`` (q and k rotated outside, no rotary in the kernel), to
-show what the merged-position turn costs. Writes JSON and a plot.
+show what the merged-position turn costs. sinks, dca and self_extend (frame methods: q and k
+rotated under each position map, then the frame kernel) have one row, the whole method with its
+kernels' device time; their FLOPs count one product per block pair, although pairs that straddle
+a frame border compute two or three. Writes JSON and a plot.
 
     python benchmarks/attention.py --out DIR [--lengths 8192,16384] [--heads 32] [--dim 128]
 """
@@ -33,13 +36,16 @@ from longreach.attention import METHODS
 from longreach.attention.core import Positions
 from longreach.attention.select_merge import select_blocks
 from longreach.attention.shifted import _shifted_tables, group_size_for, head_shifts
+from longreach.attention.sinks import sink_window_tables
 from longreach.kernels import sparse_attention
 from longreach.kernels.block_sparse import compact
 from longreach.positions import default
 
 # Flex compiles once per length and mask shape; the default limit of 8 graphs is too few here.
 torch._dynamo.config.recompile_limit = 64
-SPARSE = ("select_merge", "s2", "sf")
+SPARSE = ("select_merge", "s2", "sf", "sinks", "dca", "self_extend")
+# Methods that score pairs under several position maps: the whole method is rotations + frame kernel.
+FRAMED = ("sinks", "dca", "self_extend")
 # Flex recompiles for every mask shape (about half a minute each on the H100), so by default only
 # select_merge, the method the acceptance compares, gets the Flex baseline.
 FLEX = ("select_merge",)
@@ -158,7 +164,7 @@ def measure(fn, inputs, grad) -> dict:
     return {"fwd_ms": fwd, "fwdbwd_ms": both, "peak_extra_gib": peak}
 
 
-def kernel_times(fn, inputs, grad, steps: int = 10) -> dict:
+def kernel_times(fn, inputs, grad, steps: int = 5) -> dict:
     """Per-step device ms of longreach's Triton kernels alone, from the profiler's kernel events."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -171,12 +177,33 @@ def kernel_times(fn, inputs, grad, steps: int = 10) -> dict:
     return {"kernel_fwd_ms": times["_fwd_kernel"], "kernel_fwdbwd_ms": sum(times.get(n, 0.0) for n in kernels)}
 
 
+def framed_flops(name: str, q) -> float:
+    """Forward FLOPs of the blocks a frame method computes (one product per pair of blocks)."""
+    opts = METHODS[name].defaults()
+    b, h, length, dim = q.shape
+    block = opts["block_size"]
+    if name == "sinks":
+        table = sink_window_tables(b, h, length, length, block, opts["sink"], opts["window"], q.device)
+        return 4 * float((table >= 0).sum()) * block * block * dim
+    n = -(-length // block)
+    return 4 * b * h * n * (n + 1) / 2 * block * block * dim
+
+
 def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dict]:
     """Whole method, kernel alone and Flex on the same mask, for one method at one length."""
     length, dim = q.shape[2], q.shape[3]
     pos = Positions.contiguous(1, length, length, "cuda")
     fn = METHODS[name].fn
-    whole = measure(lambda a, b, c: fn(a, b, c, positions=pos, rope=rope), (q, k, v), grad)
+
+    def run_method(a, b, c):
+        return fn(a, b, c, positions=pos, rope=rope)
+
+    whole = measure(run_method, (q, k, v), grad)
+    if name in FRAMED:
+        flops = framed_flops(name, q)
+        print(f"L={length:>6} {name:<12} longreach {whole['fwdbwd_ms']:.2f} ms fwd+bwd", flush=True)
+        return [{"L": length, "impl": "longreach", "method": name, "fwd_flops": flops, **whole,
+                 **kernel_times(run_method, (q, k, v), grad)}]
     with torch.no_grad():
         table, block, rule = method_table(name, q, k)
     flops = 4 * float(compact(table)[1].sum()) * block * block * dim

@@ -107,8 +107,10 @@ def test_select_merge_rotary_in_kernel(dtype, q_len, scaled):
         close(a, e, dtype)
 
 
+@pytest.mark.parametrize("group", [32, 40])
 @pytest.mark.parametrize("name", ["s2", "sf"])
-def test_token_rules_match_shifted_references(name, monkeypatch):
+def test_token_rules_match_shifted_references(name, group, monkeypatch):
+    """Groups of 32 fall on block borders (only diagonal blocks masked), groups of 40 cut blocks."""
     from longreach.attention import shifted
 
     q, k, v = inputs(1, 4, 2, 90, 90, 32, torch.float32)
@@ -116,9 +118,9 @@ def test_token_rules_match_shifted_references(name, monkeypatch):
     pos = Positions.contiguous(1, 90, 90, DEVICE)
     fn, extra = (s2, {}) if name == "s2" else (sf, {"sink": 3})
     rq, rk, rv = upcast(q, k, v)
-    ref = fn(rq, rk, rv, positions=pos, rope=rope, group_size=32, block_size=16, **extra)
+    ref = fn(rq, rk, rv, positions=pos, rope=rope, group_size=group, block_size=16, **extra)
     monkeypatch.setattr(shifted.kernels, "use_kernel", lambda *a: True)
-    out = fn(q, k, v, positions=pos, rope=rope, group_size=32, block_size=16, **extra)
+    out = fn(q, k, v, positions=pos, rope=rope, group_size=group, block_size=16, **extra)
     close(out, ref, torch.float32)
     for a, e in zip(grads(out, (q, k, v), 4), grads(ref, (rq, rk, rv), 4), strict=True):
         close(a, e, torch.float32)
@@ -128,3 +130,35 @@ def test_rejects_unsupported_shapes():
     q, k, v = inputs(1, 2, 2, 16, 16, 48, torch.float32)
     with pytest.raises(ValueError, match="head_dim must be in"):
         block_sparse_attention(q, k, v, torch.zeros(1, 2, 1, 1, dtype=torch.long), block_size=16)
+
+
+FRAME_CASES = [  # method, options, (b, h, hk, q_len, k_len), position offset
+    ("dca", dict(train_length=32), (1, 4, 2, 90, 90), 0),
+    ("dca", dict(train_length=40, local_window=4), (2, 2, 1, 37, 101), 5),
+    ("self_extend", dict(train_length=32, group_size=4), (1, 4, 2, 90, 90), 0),
+    ("self_extend", dict(train_length=24, group_size=3, window=10), (2, 2, 1, 37, 101), 3),
+    ("sinks", dict(sink=3, window=20), (1, 4, 2, 90, 90), 0),
+    ("sinks", dict(sink=17, window=33), (2, 2, 1, 37, 101), 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("case", FRAME_CASES, ids=lambda c: c if isinstance(c, str) else None)
+def test_frame_methods_match_references(case, dtype, monkeypatch):
+    """DCA, self-extend and re-indexed sinks through the frame kernel against their references."""
+    from longreach import kernels
+    from longreach.attention import METHODS
+
+    name, opts, (b, h, hk, q_len, k_len), offset = case
+    q, k, v = inputs(b, h, hk, q_len, k_len, 32, dtype)
+    rope = default(32, 10000.0)
+    key = torch.arange(k_len, device=DEVICE).expand(b, k_len) + offset
+    pos = Positions(key[:, k_len - q_len:], key)
+    fn = METHODS[name].fn
+    rq, rk, rv = upcast(q, k, v)
+    ref = fn(rq, rk, rv, positions=pos, rope=rope, block_size=16, **opts)
+    monkeypatch.setattr(kernels, "use_kernel", lambda *a: True)
+    out = fn(q, k, v, positions=pos, rope=rope, block_size=16, **opts)
+    close(out, ref, dtype)
+    for a, e in zip(grads(out, (q, k, v), 5), grads(ref, (rq, rk, rv), 5), strict=True):
+        close(a, e, dtype)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..positions import Rope
 from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope, rotate_keys
 
@@ -66,6 +67,12 @@ def dca(
     chunk_size, local_window = chunk_sizes(train_length, chunk_size, local_window)
     rope = require_rope(rope, "dca")
     chunk_len = chunk_size - local_window
+    if kernels.use_kernel(q, positions, block_size):
+        q_in = positions.query % chunk_len
+        maps = [torch.full_like(q_in, chunk_size), (q_in + chunk_len).clamp_max(chunk_size), q_in]
+        return kernels.framed_attention(q, k, v, rope=rope, query_maps=maps, key_maps=[positions.key % chunk_len],
+                                        rule=kernels.DCA, span=chunk_len, positions=positions,
+                                        block_size=block_size, scale=scale)
     keys = (rotate_keys(rope, k, positions.key % chunk_len),)
     logits = _dca_logits(rope, scale, chunk_size, chunk_len)
     return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=None, logits=logits)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..positions import Rope
 from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope, rotate_keys
 
@@ -43,6 +44,12 @@ def self_extend(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     window = train_length // 4 if window is None else window
     rope = require_rope(rope, "self_extend")
+    if kernels.use_kernel(q, positions, block_size):
+        grouped_q = positions.query // group_size + window - window // group_size
+        return kernels.framed_attention(
+            q, k, v, rope=rope, query_maps=[grouped_q, positions.query],
+            key_maps=[positions.key // group_size, positions.key], rule=kernels.SELF_EXTEND, span=window,
+            positions=positions, block_size=block_size, scale=scale)
     keys = (rotate_keys(rope, k, positions.key), rotate_keys(rope, k, positions.key // group_size))
     logits = _self_extend_logits(rope, scale, group_size, window)
     return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=None, logits=logits)

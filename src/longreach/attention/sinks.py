@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..positions import Rope
 from .core import Logits, Positions, Tile, blocked_attention, dot, rotate, rotated_keys
 
@@ -60,6 +61,15 @@ def sinks(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, heads, q_len, _ = q.shape
     table = sink_window_tables(batch, heads, q_len, k.shape[2], block_size, sink, window, q.device)
+    if kernels.use_kernel(q, positions, block_size):
+        if rope is None:
+            return kernels.sparse_attention(q, k, v, table, positions=positions, rope=None, block_size=block_size,
+                                            scale=scale, sink=sink, window=window)
+        capped = positions.query.clamp_max(sink + window - 1)
+        return kernels.framed_attention(q, k, v, rope=rope, query_maps=[positions.query, capped],
+                                        key_maps=[positions.key], rule=kernels.SINKS, span=window,
+                                        positions=positions, block_size=block_size, scale=scale, table=table,
+                                        sink=sink, window=window)
     logits = _sink_logits(rope, scale, sink, window)
     keys = rotated_keys(rope, k, positions)
     return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=table, logits=logits)

@@ -33,15 +33,35 @@ def use_kernel(q: Tensor, positions: Positions, block_size: int) -> bool:
             and os.environ.get("LONGREACH_REFERENCE") != "1")
 
 
+# Frame rules of :func:`framed_attention`: which position map scores each (query, key) pair.
+DCA, SELF_EXTEND, SINKS = 1, 2, 3
+
+
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, table: Tensor, *, positions: Positions, rope: Rope | None,
                  block_size: int, scale: float, merged_positions: bool = False, **rule: int) -> Tensor:
     """Run the kernel for a method's block table: rotary at merged positions inside the kernel, or
     q and k rotated here at their own positions."""
     from .block_sparse import block_sparse_attention
+    from .rotary import rotate_frames
 
     if merged_positions:
         return block_sparse_attention(q, k, v, table, block_size=block_size, scale=scale, inv_freq=rope.inv_freq,
                                       rotary_scaling=rope.scaling, **rule)
     if rope is not None:
-        q, k = rope.rotate(q, positions.query[:, None]), rope.rotate(k, positions.key[:, None])
+        q, k = rotate_frames(q, rope, [positions.query])[0], rotate_frames(k, rope, [positions.key])[0]
     return block_sparse_attention(q, k, v, table, block_size=block_size, scale=scale, **rule)
+
+
+def framed_attention(q: Tensor, k: Tensor, v: Tensor, *, rope: Rope, query_maps: list[Tensor],
+                     key_maps: list[Tensor], rule: int, span: int, positions: Positions, block_size: int,
+                     scale: float, table: Tensor | None = None, **token_rule: int) -> Tensor:
+    """Run the kernel for a method that scores each (query, key) pair under one of several position
+    maps: q rotated under each of ``query_maps`` (b, Lq), k under each of ``key_maps`` (b, Lk), and
+    ``rule`` (DCA, SELF_EXTEND or SINKS, with its ``span``) picking the map per pair. Without a
+    ``table`` the attention is dense causal."""
+    from .block_sparse import Frames, frame_attention
+    from .rotary import rotate_frames
+
+    frames = Frames(rule, span, positions.query, positions.key)
+    return frame_attention(rotate_frames(q, rope, query_maps), rotate_frames(k, rope, key_maps), v, frames,
+                           block_size=block_size, table=table, scale=scale, **token_rule)

@@ -4,44 +4,71 @@ Layout and conventions follow :func:`longreach.attention.core.blocked_attention`
 kernel reproduces: q (b, h, Lq, d) are the last Lq of Lk key positions; ``table`` (b, h, nq, K)
 lists, per query block of the key-index grid, the key blocks it reads in ascending order, -1
 padded, with the query block's own (diagonal) block last; ``count`` (b, h, nq) how many are used.
+Without a table the kernels run dense causal attention (every key block up to the diagonal).
 Per (query, key) pair the kernel masks: causal and in range always; with ``window``/``group``/
-``sink`` set, also token rules (sinks + window; S2 groups with ``shift`` for heads >= H // 2).
-With ``rotary`` the kernel applies select-and-merge's positions on selected tokens: the key at
-slot s, offset t sits at s * B + t and the query at its own (last) slot's position. Since rotations
-in one plane compose, R(a) q . R(b) k = R(t_q) q . R(delta B) R(t_k) k with delta = s - own slot:
-q and k are turned by their offset inside the block once (one pass, :func:`_turn_kernel`), the
-kernels turn each key block by delta * B, a single d/2 vector of cos/sin per block, and the
-backward kernels turn dq and dk back by the in-block offset as they store them. Structure after
-the Triton fused-attention tutorial (online softmax in base 2, no L x L tensor); the backward
-recomputes probabilities from the saved log-sum-exp, and the dQ kernel forms delta = rowsum(dO * O)
-for the dK/dV kernel, so no pass outside the kernels touches the (b, h, L, d) tensors.
+``sink`` set, also token rules (sinks + window; S2 groups with ``shift`` for heads >= H // 2), on
+the block pairs the rule does not allow whole.
+
+Rotary inside the kernels, two ways:
+- ``rotary``: select-and-merge's positions on selected tokens. The key at slot s, offset t sits at
+  s * B + t and the query at its own (last) slot's position. Rotations in one plane compose,
+  R(a) q . R(b) k = R(t_q) q . R(delta B) R(t_k) k with delta = s - own slot: q and k are turned by
+  their offset inside the block once (one pass, :func:`longreach.kernels.rotary.turn`), the kernels
+  turn each key block by delta * B, a single d/2 vector of cos/sin per block, and the backward
+  kernels turn dq and dk back by the in-block offset as they store them.
+- frames: DCA, self-extend and re-indexed sinks score each (query, key) pair under one of two or
+  three position maps, chosen per pair. q (and k) arrive rotated under each map, stacked (F, ...);
+  a frame rule picks the map per pair, and only block pairs that straddle a frame border compute
+  more than one product. Frame 0 is the common one: its query and key sit in registers; the
+  gradients of the other frames are added atomically into float32 buffers.
+Structure after the Triton fused-attention tutorial (online softmax in base 2, no L x L tensor); the
+backward recomputes probabilities from the saved log-sum-exp, and the dQ kernel forms
+delta = rowsum(dO * O) for the dK/dV kernel.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import BLOCK_SIZES, HEAD_DIMS, supports
+from . import BLOCK_SIZES, DCA, HEAD_DIMS, SELF_EXTEND, supports
+from .rotary import turn
+from .tiles import add_halves, load_halves, rotate, store_halves
 
 LOG2E = 1.4426950408889634
-KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT"]
+KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT", "FRAMES", "DENSE"]
 # The interpreter (CPU tests) needs no tuning; on a GPU pick among a few pipelines per shape class.
 CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)]
 if os.environ.get("TRITON_INTERPRET") != "1":
     CONFIGS += [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 4), (8, 2), (8, 3), (8, 4))]
+NO_FRAMES = 0
 
 
-@triton.jit
-def _rotate(x1, x2, cos, sin, INVERSE: tl.constexpr):
-    # Half-split rotary: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s); the inverse turns by -theta.
-    if INVERSE:
-        return x1 * cos + x2 * sin, x2 * cos - x1 * sin
-    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+def _prune(configs: list, named_args: dict, **meta) -> list:
+    # Triton 3.6 fails to lower the table-driven frame kernels (re-indexed sinks) with 8 warps.
+    if meta.get("FRAMES", 1) > 1 and not meta.get("DENSE"):
+        return [c for c in configs if c.num_warps == 4]
+    return configs
+
+
+TUNE = dict(configs=CONFIGS, key=KEYS, prune_configs_by={"early_config_prune": _prune})
+# The jit functions read module globals only as constexprs.
+RULE_DCA, RULE_SELF_EXTEND = tl.constexpr(DCA), tl.constexpr(SELF_EXTEND)
+
+
+class Frames(NamedTuple):
+    """A frame rule and its span (DCA's chunk length, self-extend's or the sinks' window), with the
+    int32 positions (b, Lq) and (b, Lk) the DCA and self-extend rules read."""
+
+    rule: int
+    span: int
+    q_pos: Tensor | None = None
+    k_pos: Tensor | None = None
 
 
 @triton.jit
@@ -51,59 +78,23 @@ def _dot_t(a1, a2, b1, b2, DOT: tl.constexpr):
 
 
 @triton.jit
-def _load_halves(base, rows, ok, stride, HALF: tl.constexpr):
-    # Rows ``rows`` of a (L, 2 * HALF) slab as its two rotary halves; rows where ``ok`` fails read 0.
-    dh = tl.arange(0, HALF)
-    ptr = base + rows[:, None] * stride + dh[None, :]
-    return tl.load(ptr, mask=ok[:, None], other=0.0), tl.load(ptr + HALF, mask=ok[:, None], other=0.0)
-
-
-@triton.jit
 def _turn_block(x1, x2, COS, SIN, turn, HALF: tl.constexpr, INVERSE: tl.constexpr):
     # A block's halves turned (in float32, returned in their dtype) by row ``turn`` of the
     # delta * B cos/sin tables of merged positions.
     dh = tl.arange(0, HALF)
     c = tl.load(COS + turn * HALF + dh)[None, :]
     s = tl.load(SIN + turn * HALF + dh)[None, :]
-    r1, r2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), c, s, INVERSE)
+    r1, r2 = rotate(x1.to(tl.float32), x2.to(tl.float32), c, s, INVERSE)
     return r1.to(x1.dtype), r2.to(x2.dtype)
 
 
 @triton.jit
 def _key_block(base, rows, ok, stride, COS, SIN, turn, HALF: tl.constexpr, ROTARY: tl.constexpr):
     # A key block's halves, turned for merged positions.
-    k1, k2 = _load_halves(base, rows, ok, stride, HALF)
+    k1, k2 = load_halves(base, rows, ok, stride, HALF)
     if ROTARY:
         k1, k2 = _turn_block(k1, k2, COS, SIN, turn, HALF, False)
     return k1, k2
-
-
-@triton.jit
-def _turn_kernel(X, Y, COS, SIN, sxb, sxh, sxm, H, L, FIRST,
-                 ROWS: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr):
-    # Rows of x (b, h, L, d), row i at index FIRST + i, turned by their offset inside their block.
-    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
-    ok = r < L
-    x1, x2 = _load_halves(X + b * sxb + h * sxh, r, ok, sxm, HALF)
-    c, s = _offset_turn(COS, SIN, (FIRST + r) % BLOCK, HALF)
-    y1, y2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), c, s, False)
-    _store_halves(Y + b * sxb + h * sxh, r, ok, sxm, y1, y2, HALF)
-
-
-@triton.jit
-def _offset_turn(COS, SIN, offset, HALF: tl.constexpr):
-    # cos and sin (rows, HALF) of the in-block turn for each row's offset.
-    ptr = offset[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    return tl.load(COS + ptr), tl.load(SIN + ptr)
-
-
-@triton.jit
-def _store_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
-    ptr = base + rows[:, None] * stride + tl.arange(0, HALF)[None, :]
-    tl.store(ptr, y1.to(base.dtype.element_ty), mask=ok[:, None])
-    tl.store(ptr + HALF, y2.to(base.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -111,9 +102,9 @@ def _store_gradient(base, rows, ok, stride, g1, g2, TCOS, TSIN, scale, HALF: tl.
                     ROTARY: tl.constexpr):
     # q and k were turned by their in-block offset before the kernels: turn their gradients back.
     if ROTARY:
-        c, s = _offset_turn(TCOS, TSIN, tl.arange(0, BLOCK), HALF)
-        g1, g2 = _rotate(g1, g2, c, s, True)
-    _store_halves(base, rows, ok, stride, g1 * scale, g2 * scale, HALF)
+        ptr = tl.arange(0, BLOCK)[:, None] * HALF + tl.arange(0, HALF)[None, :]
+        g1, g2 = rotate(g1, g2, tl.load(TCOS + ptr), tl.load(TSIN + ptr), True)
+    store_halves(base, rows, ok, stride, g1 * scale, g2 * scale, HALF)
 
 
 @triton.jit
@@ -130,18 +121,124 @@ def _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.
     return ok
 
 
-@triton.autotune(configs=CONFIGS, key=KEYS)
+@triton.jit
+def _needs_mask(q_block, k_block, diagonal, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK: tl.constexpr,
+                TOKEN_MASK: tl.constexpr):
+    # The diagonal pair always needs the per-token mask (causal, ragged edge); with token rules, so
+    # does any pair the rule does not allow whole (a window or group border inside it).
+    need = diagonal
+    if TOKEN_MASK:
+        q_lo = q_block * BLOCK
+        q_hi = tl.minimum(q_lo + BLOCK, Lk) - 1
+        k_lo = k_block * BLOCK
+        k_hi = tl.minimum(k_lo + BLOCK, Lk) - 1
+        whole = (WINDOW <= 0) | (q_hi - k_lo < WINDOW)
+        if GROUP > 0:
+            s = tl.where(h >= H // 2, SHIFT, 0)
+            g = (q_lo + s) // GROUP
+            whole = whole & ((q_hi + s) // GROUP == g) & ((k_lo + s) // GROUP == g) & ((k_hi + s) // GROUP == g)
+        need = need | ~(whole | (k_hi < SINK))
+    return need
+
+
+@triton.jit
+def _frame(q_idx, k_idx, q_pos, k_pos, SPAN, RULE: tl.constexpr):
+    # (queries, keys) frame of each pair, 0 the common one. DCA: 0 inter-chunk, 1 successive chunk,
+    # 2 same chunk (chunks of SPAN positions); self-extend: 0 grouped, 1 neighbour (distance < SPAN);
+    # sinks: 0 in the window of SPAN indices, 1 a sink seen from the capped query position.
+    if RULE == RULE_DCA:
+        gap = q_pos[:, None] // SPAN - k_pos[None, :] // SPAN
+        f = tl.where(gap == 0, 2, tl.where(gap == 1, 1, 0))
+    elif RULE == RULE_SELF_EXTEND:
+        f = tl.where(q_pos[:, None] - k_pos[None, :] < SPAN, 1, 0)
+    else:
+        f = tl.where(q_idx[:, None] - k_idx[None, :] < SPAN, 0, 1)
+    return f
+
+
+@triton.jit
+def _frame_span(fr):
+    return tl.min(tl.min(fr, 1), 0), tl.max(tl.max(fr, 1), 0)
+
+
+@triton.jit
+def _operand(main1, main2, base, f, frame_stride, rows, ok, stride, HALF: tl.constexpr, PER_FRAME: tl.constexpr):
+    # An operand block under frame f: its own copy when it has one per frame, else the main one.
+    if PER_FRAME:
+        a1, a2 = load_halves(base + f * frame_stride, rows, ok, stride, HALF)
+    else:
+        a1, a2 = main1, main2
+    return a1, a2
+
+
+@triton.jit
+def _frame_scores(r1, r2, c1, c2, fr, lo, hi, R, sr, rows_r, ok_r, srm, C, sc, rows_c, ok_c, scm,
+                  HALF: tl.constexpr, BLOCK: tl.constexpr, FRAMES: tl.constexpr, R_FRAMES: tl.constexpr,
+                  C_FRAMES: tl.constexpr, DOT: tl.constexpr):
+    # Scores of row block (r1, r2) against column block (c1, c2), both under frame 0, with the pairs
+    # of other frames (in fr, spanning lo..hi) scored from those frames' copies.
+    scores = tl.zeros([BLOCK, BLOCK], tl.float32)
+    if lo == 0:
+        scores = _dot_t(r1, r2, c1, c2, DOT)
+    for f in tl.static_range(1, FRAMES):
+        if (lo <= f) & (f <= hi):
+            a1, a2 = _operand(r1, r2, R, f, sr, rows_r, ok_r, srm, HALF, R_FRAMES > 1)
+            b1, b2 = _operand(c1, c2, C, f, sc, rows_c, ok_c, scm, HALF, C_FRAMES > 1)
+            scores = tl.where(fr == f, _dot_t(a1, a2, b1, b2, DOT), scores)
+    return scores
+
+
+@triton.jit
+def _query_block(NQ, DENSE: tl.constexpr):
+    # Dense causal runs the longest rows first, so they do not run last.
+    if DENSE:
+        m = NQ - 1 - tl.program_id(0)
+    else:
+        m = tl.program_id(0)
+    return m
+
+
+@triton.jit
+def _list_length(COUNT, diagonal, DENSE: tl.constexpr):
+    if DENSE:
+        n = diagonal + 1
+    else:
+        n = tl.load(COUNT)
+    return n
+
+
+@triton.jit
+def _listed_block(LIST, i, DENSE: tl.constexpr):
+    # Entry i of a block list; dense causal lists every block in order.
+    if DENSE:
+        block = i
+    else:
+        block = tl.load(LIST + i)
+    return block
+
+
+@triton.jit
+def _positions(P, rows, ok, RULE: tl.constexpr):
+    # The rotary positions that the DCA and self-extend rules read (the others read none).
+    if RULE == RULE_DCA or RULE == RULE_SELF_EXTEND:
+        pos = tl.load(P + rows, mask=ok, other=0)
+    else:
+        pos = rows
+    return pos
+
+
+@triton.autotune(**TUNE)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, TABLE, COUNT, COS, SIN,
-    sqb, sqh, sqm, skb, skh, skn, sob, soh, som,
-    stb, sth, stm, scb, sch,
-    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, WIDTH, qk_scale,
-    SINK, WINDOW, GROUP, SHIFT,
+    Q, K, V, Out, LSE, TABLE, COUNT, COS, SIN, QPOS, KPOS,
+    sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som,
+    stb, sth, stm, scb, sch, spq, spk,
+    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, qk_scale,
+    SINK, WINDOW, GROUP, SHIFT, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
-    m = tl.program_id(0)
+    m = _query_block(NQ, DENSE)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -150,8 +247,10 @@ def _fwd_kernel(
     q_idx = (START_BLOCK + m) * BLOCK + t
     q_row = q_idx - FIRST
     q_ok = (q_row >= 0) & (q_idx < Lk)
-    q1, q2 = _load_halves(Q + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
-    n = tl.load(COUNT + b * scb + h * sch + m)
+    q_base = Q + b * sqb + h * sqh
+    q1, q2 = load_halves(q_base, q_row, q_ok, sqm, HALF)
+    q_pos = _positions(QPOS + b * spq, q_row, q_ok, RULE)
+    n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, DENSE)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc1 = tl.zeros([BLOCK, HALF], tl.float32)
@@ -160,12 +259,21 @@ def _fwd_kernel(
     v_base = V + b * skb + hk * skh
     table = TABLE + b * stb + h * sth + m * stm
     for slot in range(0, n):
-        k_idx = tl.load(table + slot) * BLOCK + t
+        k_block = _listed_block(table, slot, DENSE)
+        k_idx = k_block * BLOCK + t
         k_in = k_idx < Lk
         k1, k2 = _key_block(k_base, k_idx, k_in, skn, COS, SIN, slot - n + WIDTH, HALF, ROTARY)
-        qk = _dot_t(q1, q2, k1, k2, DOT)
+        if FRAMES == 1:
+            qk = _dot_t(q1, q2, k1, k2, DOT)
+        else:
+            k_pos = _positions(KPOS + b * spk, k_idx, k_in, RULE)
+            fr = _frame(q_idx, k_idx, q_pos, k_pos, SPAN, RULE)
+            lo, hi = _frame_span(fr)
+            qk = _frame_scores(q1, q2, k1, k2, fr, lo, hi, q_base, sqf, q_row, q_ok, sqm, k_base, skf, k_idx, k_in,
+                               skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT)
         qk = qk * qk_scale
-        if TOKEN_MASK or slot == n - 1:
+        if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK,
+                       TOKEN_MASK):
             ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
             qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -173,30 +281,31 @@ def _fwd_kernel(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v1, v2 = _load_halves(v_base, k_idx, k_in, skn, HALF)
+        v1, v2 = load_halves(v_base, k_idx, k_in, skn, HALF)
         p = p.to(V.dtype.element_ty)
         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=DOT)
         acc2 = tl.dot(p, v2, acc2 * alpha[:, None], input_precision=DOT)
         m_i = m_new
     empty = l_i == 0.0
     denom = tl.where(empty, 1.0, l_i)
-    _store_halves(Out + b * sob + h * soh, q_row, q_ok, som, acc1 / denom[:, None], acc2 / denom[:, None], HALF)
+    store_halves(Out + b * sob + h * soh, q_row, q_ok, som, acc1 / denom[:, None], acc2 / denom[:, None], HALF)
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(denom))
     tl.store(LSE + bh * Lq + q_row, lse, mask=q_ok)
 
 
-@triton.autotune(configs=CONFIGS, key=KEYS)
+# Autotuning runs a kernel once per config: the atomically accumulated buffers start from zero each time.
+@triton.autotune(**TUNE, reset_to_zero=["DQX"])
 @triton.jit
 def _dq_kernel(
-    Q, K, V, OUT, DO, DQ, LSE, DELTA, TABLE, COUNT, COS, SIN, TCOS, TSIN,
-    sqb, sqh, sqm, skb, skh, skn,
-    stb, sth, stm, scb, sch,
-    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, WIDTH, qk_scale, sm_scale,
-    SINK, WINDOW, GROUP, SHIFT,
+    Q, K, V, OUT, DO, DQ, DQX, LSE, DELTA, TABLE, COUNT, COS, SIN, TCOS, TSIN, QPOS, KPOS,
+    sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som,
+    stb, sth, stm, scb, sch, spq, spk,
+    H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, qk_scale, sm_scale,
+    SINK, WINDOW, GROUP, SHIFT, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
-    m = tl.program_id(0)
+    m = _query_block(NQ, DENSE)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -205,45 +314,69 @@ def _dq_kernel(
     q_idx = (START_BLOCK + m) * BLOCK + t
     q_row = q_idx - FIRST
     q_ok = (q_row >= 0) & (q_idx < Lk)
-    row_base = b * sqb + h * sqh
-    q1, q2 = _load_halves(Q + row_base, q_row, q_ok, sqm, HALF)
-    do1, do2 = _load_halves(DO + row_base, q_row, q_ok, sqm, HALF)
-    o1, o2 = _load_halves(OUT + row_base, q_row, q_ok, sqm, HALF)
+    q_base = Q + b * sqb + h * sqh
+    q1, q2 = load_halves(q_base, q_row, q_ok, sqm, HALF)
+    do1, do2 = load_halves(DO + b * sob + h * soh, q_row, q_ok, som, HALF)
+    o1, o2 = load_halves(OUT + b * sob + h * soh, q_row, q_ok, som, HALF)
     delta = tl.sum(do1.to(tl.float32) * o1.to(tl.float32) + do2.to(tl.float32) * o2.to(tl.float32), 1)
     tl.store(DELTA + bh * Lq + q_row, delta, mask=q_ok)
     lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
-    n = tl.load(COUNT + b * scb + h * sch + m)
+    q_pos = _positions(QPOS + b * spq, q_row, q_ok, RULE)
+    n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, DENSE)
     dq1 = tl.zeros([BLOCK, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK, HALF], tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * skb + hk * skh
     table = TABLE + b * stb + h * sth + m * stm
     for slot in range(0, n):
-        k_idx = tl.load(table + slot) * BLOCK + t
+        k_block = _listed_block(table, slot, DENSE)
+        k_idx = k_block * BLOCK + t
         k_in = k_idx < Lk
         k1, k2 = _key_block(k_base, k_idx, k_in, skn, COS, SIN, slot - n + WIDTH, HALF, ROTARY)
-        qk = _dot_t(q1, q2, k1, k2, DOT) * qk_scale
-        if TOKEN_MASK or slot == n - 1:
+        if FRAMES == 1:
+            qk = _dot_t(q1, q2, k1, k2, DOT)
+        else:
+            k_pos = _positions(KPOS + b * spk, k_idx, k_in, RULE)
+            fr = _frame(q_idx, k_idx, q_pos, k_pos, SPAN, RULE)
+            lo, hi = _frame_span(fr)
+            qk = _frame_scores(q1, q2, k1, k2, fr, lo, hi, q_base, sqf, q_row, q_ok, sqm, k_base, skf, k_idx, k_in,
+                               skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT)
+        qk = qk * qk_scale
+        if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK,
+                       TOKEN_MASK):
             ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
             qk = tl.where(ok, qk, float("-inf"))
         p = tl.math.exp2(qk - lse[:, None])
-        v1, v2 = _load_halves(v_base, k_idx, k_in, skn, HALF)
+        v1, v2 = load_halves(v_base, k_idx, k_in, skn, HALF)
         dp = _dot_t(do1, do2, v1, v2, DOT)
-        ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
-        dq1 = tl.dot(ds, k1, dq1, input_precision=DOT)
-        dq2 = tl.dot(ds, k2, dq2, input_precision=DOT)
-    _store_gradient(DQ + row_base, q_row, q_ok, sqm, dq1, dq2, TCOS, TSIN, sm_scale, HALF, BLOCK, ROTARY)
+        ds = p * (dp - delta[:, None])
+        if FRAMES == 1:
+            dq1 = tl.dot(ds.to(K.dtype.element_ty), k1, dq1, input_precision=DOT)
+            dq2 = tl.dot(ds.to(K.dtype.element_ty), k2, dq2, input_precision=DOT)
+        else:
+            if lo == 0:
+                main = tl.where(fr == 0, ds, 0.0).to(K.dtype.element_ty)
+                dq1 = tl.dot(main, k1, dq1, input_precision=DOT)
+                dq2 = tl.dot(main, k2, dq2, input_precision=DOT)
+            for f in tl.static_range(1, FRAMES):
+                if (lo <= f) & (f <= hi):
+                    b1, b2 = _operand(k1, k2, k_base, f, skf, k_idx, k_in, skn, HALF, KEY_FRAMES > 1)
+                    part = tl.where(fr == f, ds, 0.0).to(K.dtype.element_ty)
+                    g1 = tl.dot(part, b1, input_precision=DOT) * sm_scale
+                    g2 = tl.dot(part, b2, input_precision=DOT) * sm_scale
+                    add_halves(DQX + (f - 1) * sqf + b * sqb + h * sqh, q_row, q_ok, sqm, g1, g2, HALF)
+    _store_gradient(DQ + b * sqb + h * sqh, q_row, q_ok, sqm, dq1, dq2, TCOS, TSIN, sm_scale, HALF, BLOCK, ROTARY)
 
 
-@triton.autotune(configs=CONFIGS, key=KEYS)
+@triton.autotune(**TUNE, reset_to_zero=["DKX"])
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN, TCOS, TSIN,
-    sqb, sqh, sqm, skb, skh, skn, scb, sch,
-    H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, WIDTH, NK, qk_scale, sm_scale,
-    SINK, WINDOW, GROUP, SHIFT,
+    Q, K, V, DO, DK, DV, DKX, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN, TCOS, TSIN, QPOS, KPOS,
+    sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som, scb, sch, spq, spk,
+    H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, NK, qk_scale, sm_scale,
+    SINK, WINDOW, GROUP, SHIFT, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
-    DOT: tl.constexpr,
+    DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
     # Heads vary fastest, so the long lists of the first (sink) blocks start first, not last.
     bhk = tl.program_id(0)
@@ -254,8 +387,9 @@ def _dkv_kernel(
     k_idx = j * BLOCK + t
     k_in = k_idx < Lk
     kv_base = b * skb + hk * skh
-    k1, k2 = _load_halves(K + kv_base, k_idx, k_in, skn, HALF)
-    v1, v2 = _load_halves(V + kv_base, k_idx, k_in, skn, HALF)
+    k1, k2 = load_halves(K + kv_base, k_idx, k_in, skn, HALF)
+    v1, v2 = load_halves(V + kv_base, k_idx, k_in, skn, HALF)
+    k_pos = _positions(KPOS + b * spk, k_idx, k_in, RULE)
     dk1 = tl.zeros([BLOCK, HALF], tl.float32)
     dk2 = tl.zeros([BLOCK, HALF], tl.float32)
     dv1 = tl.zeros([BLOCK, HALF], tl.float32)
@@ -263,35 +397,66 @@ def _dkv_kernel(
     for g in range(0, GROUP_HEADS):
         h = hk * GROUP_HEADS + g
         bh = b * H + h
-        lo = tl.load(CSR_OFF + bh * NK + j)
-        hi = tl.load(CSR_OFF + bh * NK + j + 1)
-        for e in range(lo, hi):
-            m = tl.load(CSR_M + e)
+        if DENSE:
+            lo_e = tl.maximum(j - START_BLOCK, 0)
+            hi_e = NQ
+        else:
+            lo_e = tl.load(CSR_OFF + bh * NK + j)
+            hi_e = tl.load(CSR_OFF + bh * NK + j + 1)
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sob + h * soh
+        for e in range(lo_e, hi_e):
+            m = _listed_block(CSR_M, e, DENSE)
             q_idx = (START_BLOCK + m) * BLOCK + t
             q_row = q_idx - FIRST
             q_ok = (q_row >= 0) & (q_idx < Lk)
-            q1, q2 = _load_halves(Q + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
-            do1, do2 = _load_halves(DO + b * sqb + h * sqh, q_row, q_ok, sqm, HALF)
+            q1, q2 = load_halves(q_base, q_row, q_ok, sqm, HALF)
+            do1, do2 = load_halves(do_base, q_row, q_ok, som, HALF)
             lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
             delta = tl.load(DELTA + bh * Lq + q_row, mask=q_ok, other=0.0)
             if ROTARY:
                 # R(delta B) k . q = k . R(-delta B) q: turning q back leaves k and dk in one frame.
-                turn = tl.load(CSR_SLOT + e) - tl.load(COUNT + b * scb + h * sch + m) + WIDTH
-                q1, q2 = _turn_block(q1, q2, COS, SIN, turn, HALF, True)
+                turn_row = tl.load(CSR_SLOT + e) - tl.load(COUNT + b * scb + h * sch + m) + WIDTH
+                q1, q2 = _turn_block(q1, q2, COS, SIN, turn_row, HALF, True)
             # Transposed scores: rows are keys, columns queries.
-            qkT = _dot_t(k1, k2, q1, q2, DOT) * qk_scale
-            pT = tl.math.exp2(qkT - lse[None, :])
-            if TOKEN_MASK or START_BLOCK + m == j:
+            if FRAMES == 1:
+                qkT = _dot_t(k1, k2, q1, q2, DOT)
+            else:
+                q_pos = _positions(QPOS + b * spq, q_row, q_ok, RULE)
+                frT = tl.trans(_frame(q_idx, k_idx, q_pos, k_pos, SPAN, RULE))
+                lo, hi = _frame_span(frT)
+                qkT = _frame_scores(k1, k2, q1, q2, frT, lo, hi, K + kv_base, skf, k_idx, k_in, skn, q_base, sqf,
+                                    q_row, q_ok, sqm, HALF, BLOCK, FRAMES, KEY_FRAMES, FRAMES, DOT)
+            pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
+            if _needs_mask(START_BLOCK + m, j, START_BLOCK + m == j, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK,
+                           TOKEN_MASK):
                 okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
                 pT = tl.where(okT, pT, 0.0)
             dv1 = tl.dot(pT.to(DO.dtype.element_ty), do1, dv1, input_precision=DOT)
             dv2 = tl.dot(pT.to(DO.dtype.element_ty), do2, dv2, input_precision=DOT)
             dpT = _dot_t(v1, v2, do1, do2, DOT)
-            dsT = (pT * (dpT - delta[None, :])).to(Q.dtype.element_ty)
-            dk1 = tl.dot(dsT, q1, dk1, input_precision=DOT)
-            dk2 = tl.dot(dsT, q2, dk2, input_precision=DOT)
+            dsT = pT * (dpT - delta[None, :])
+            if FRAMES == 1:
+                dk1 = tl.dot(dsT.to(Q.dtype.element_ty), q1, dk1, input_precision=DOT)
+                dk2 = tl.dot(dsT.to(Q.dtype.element_ty), q2, dk2, input_precision=DOT)
+            else:
+                if lo == 0:
+                    main = tl.where(frT == 0, dsT, 0.0).to(Q.dtype.element_ty)
+                    dk1 = tl.dot(main, q1, dk1, input_precision=DOT)
+                    dk2 = tl.dot(main, q2, dk2, input_precision=DOT)
+                for f in tl.static_range(1, FRAMES):
+                    if (lo <= f) & (f <= hi):
+                        a1, a2 = load_halves(q_base + f * sqf, q_row, q_ok, sqm, HALF)
+                        part = tl.where(frT == f, dsT, 0.0).to(Q.dtype.element_ty)
+                        if KEY_FRAMES > 1:
+                            g1 = tl.dot(part, a1, input_precision=DOT) * sm_scale
+                            g2 = tl.dot(part, a2, input_precision=DOT) * sm_scale
+                            add_halves(DKX + (f - 1) * skf + kv_base, k_idx, k_in, skn, g1, g2, HALF)
+                        else:
+                            dk1 = tl.dot(part, a1, dk1, input_precision=DOT)
+                            dk2 = tl.dot(part, a2, dk2, input_precision=DOT)
     _store_gradient(DK + kv_base, k_idx, k_in, skn, dk1, dk2, TCOS, TSIN, sm_scale, HALF, BLOCK, ROTARY)
-    _store_halves(DV + kv_base, k_idx, k_in, skn, dv1, dv2, HALF)
+    store_halves(DV + kv_base, k_idx, k_in, skn, dv1, dv2, HALF)
 
 
 def compact(table: Tensor) -> tuple[Tensor, Tensor]:
@@ -326,79 +491,122 @@ def rotary_turns(inv_freq: Tensor, width: int, block: int, scaling: float,
     return tuple(x.contiguous() for x in turns)
 
 
-def turn_within_blocks(x: Tensor, first: int, block: int, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (b, h, L, d) contiguous, row i at index first + i, rotated by its offset inside its block
-    with the (block, d/2) ``cos``/``sin`` of :func:`rotary_turns`; one read and one write of x."""
-    b, h, length, d = x.shape
-    out = torch.empty_like(x)
-    rows = 64
-    _turn_kernel[(triton.cdiv(length, rows), b * h)](x, out, cos, sin, *_strides(x), h, length, first,
-                                                    ROWS=rows, BLOCK=block, HALF=d // 2)
-    return out
+def _launch_args(q: Tensor, k: Tensor, out: Tensor, table: Tensor, count: Tensor, setup: dict) -> dict:
+    """Stride and size arguments shared by the three kernels; q (F, b, h, Lq, d), k (Fk, b, h_kv, Lk, d)."""
+    h, q_len = q.shape[2], q.shape[3]
+    h_kv, k_len = k.shape[2], k.shape[3]
+    first = k_len - q_len
+    block = setup["block"]
+    return dict(
+        strides=(*q.stride()[:4], *k.stride()[:4], *out.stride()[:3]),
+        tables=(*table.stride()[:3], *count.stride()[:2], setup["q_pos"].stride(0), setup["k_pos"].stride(0)),
+        sizes=(h, h // h_kv, q_len, k_len, first, first // block, (k_len - 1) // block + 1 - first // block),
+    )
 
 
-def _strides(x: Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+def _frame_buffer(x: Tensor) -> Tensor:
+    """float32 gradient accumulator for frames 1.. of x (F, ...); a placeholder when F = 1."""
+    if x.shape[0] == 1:
+        return x.new_zeros(1, dtype=torch.float32)
+    return torch.zeros(x.shape[0] - 1, *x.shape[1:], device=x.device, dtype=torch.float32)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, table, count, block, scale, turns, token_rule):
-        b, h, q_len, d = q.shape
-        h_kv, k_len = k.shape[1], k.shape[2]
-        first = k_len - q_len
+    def forward(ctx, q, k, v, table, count, turns, setup):
+        b, h, q_len, d = q.shape[1:]
+        block, first = setup["block"], k.shape[3] - q_len
         rotary = turns is not None
         if rotary:
-            q = turn_within_blocks(q, first, block, *turns[2:])
-            k = turn_within_blocks(k, 0, block, *turns[2:])
+            q = turn_within_blocks(q[0], first, block, *turns[2:])[None]
+            k = turn_within_blocks(k[0], 0, block, *turns[2:])[None]
         else:
             turns = (q.new_empty(1, dtype=torch.float32),) * 4
-        out = torch.empty_like(q)
+        out = torch.empty_like(q[0])
         lse = torch.empty(b, h, q_len, device=q.device, dtype=torch.float32)
-        _fwd_kernel[(table.shape[2], b * h)](
-            q, k, v, out, lse, table, count, *turns[:2],
-            *_strides(q), *_strides(k), *_strides(out), *_strides(table), count.stride(0), count.stride(1),
-            h, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], scale * LOG2E, *token_rule,
-            **_meta(block, d, rotary, token_rule, q.dtype),
+        a = _launch_args(q, k, out, table, count, setup)
+        n_q = a["sizes"][-1]
+        _fwd_kernel[(n_q, b * h)](
+            q, k, v, out, lse, table, count, *turns[:2], setup["q_pos"], setup["k_pos"],
+            *a["strides"], *a["tables"], *a["sizes"], table.shape[-1], setup["scale"] * LOG2E, *setup["rule"],
+            **_meta(setup, d, rotary, q, k),
         )
         ctx.save_for_backward(q, k, v, out, lse, table, count, *turns)
-        ctx.scale, ctx.rotary, ctx.token_rule, ctx.block = scale, rotary, token_rule, block
+        ctx.rotary, ctx.setup = rotary, setup
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse, table, count, *turns = ctx.saved_tensors
+        setup = ctx.setup
         grad = grad.contiguous()
-        b, h, q_len, d = q.shape
-        h_kv, k_len = k.shape[1], k.shape[2]
-        block, first, scale = ctx.block, k_len - q_len, ctx.scale
-        meta = _meta(block, d, ctx.rotary, ctx.token_rule, q.dtype)
+        f, b, h, q_len, d = q.shape
+        h_kv, k_len = k.shape[2], k.shape[3]
+        block, scale = setup["block"], setup["scale"]
+        meta = _meta(setup, d, ctx.rotary, q, k)
+        a = _launch_args(q, k, out, table, count, setup)
+        n_q = a["sizes"][-1]
         delta = torch.empty_like(lse)
         dq = torch.empty_like(q)
-        _dq_kernel[(table.shape[2], b * h)](
-            q, k, v, out, grad, dq, lse, delta, table, count, *turns,
-            *_strides(q), *_strides(k), *_strides(table), count.stride(0), count.stride(1),
-            h, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], scale * LOG2E, scale, *ctx.token_rule,
-            **meta,
+        dq_extra = _frame_buffer(q)
+        _dq_kernel[(n_q, b * h)](
+            q, k, v, out, grad, dq, dq_extra, lse, delta, table, count, *turns, setup["q_pos"], setup["k_pos"],
+            *a["strides"], *a["tables"], *a["sizes"], table.shape[-1], scale * LOG2E, scale, *setup["rule"], **meta,
         )
         n_key_blocks = -(-k_len // block)
-        offsets, csr_m, csr_slot = transpose(table, count, n_key_blocks)
+        offsets, csr_m, csr_slot = (count,) * 3 if setup["dense"] else transpose(table, count, n_key_blocks)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk_extra = _frame_buffer(k)
+        sizes = a["sizes"]
         _dkv_kernel[(b * h_kv, n_key_blocks)](
-            q, k, v, grad, dk, dv, lse, delta, count, offsets, csr_m, csr_slot, *turns,
-            *_strides(q), *_strides(k), count.stride(0), count.stride(1),
-            h, h_kv, h // h_kv, q_len, k_len, first, first // block, table.shape[-1], n_key_blocks, scale * LOG2E,
-            scale,
-            *ctx.token_rule, **meta,
+            q, k, v, grad, dk, dv, dk_extra, lse, delta, count, offsets, csr_m, csr_slot, *turns,
+            setup["q_pos"], setup["k_pos"], *a["strides"], *a["tables"][-4:],
+            sizes[0], h_kv, *sizes[1:], table.shape[-1], n_key_blocks, scale * LOG2E, scale, *setup["rule"], **meta,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        if f > 1:
+            dq[1:] = dq_extra
+        if k.shape[0] > 1:
+            dk[1:] = dk_extra
+        return dq, dk, dv, None, None, None, None
 
 
-def _meta(block: int, dim: int, rotary: bool, token_rule: tuple[int, int, int, int], dtype: torch.dtype) -> dict:
-    token_mask = token_rule[1] > 0 or token_rule[2] > 0
+def _meta(setup: dict, dim: int, rotary: bool, q: Tensor, k: Tensor) -> dict:
+    rule = setup["rule"]
+    token_mask = rule[1] > 0 or rule[2] > 0
     # float32 inputs get IEEE products (no silent TF32 rounding); 16-bit inputs use the tensor cores.
-    dot = "ieee" if dtype == torch.float32 else "tf32"
-    return dict(BLOCK=block, HALF=dim // 2, ROTARY=rotary, TOKEN_MASK=token_mask, DOT=dot)
+    dot = "ieee" if q.dtype == torch.float32 else "tf32"
+    return dict(BLOCK=setup["block"], HALF=dim // 2, ROTARY=rotary, TOKEN_MASK=token_mask, DOT=dot,
+                FRAMES=q.shape[0], KEY_FRAMES=k.shape[0], RULE=setup["frame_rule"], DENSE=setup["dense"])
+
+
+def turn_within_blocks(x: Tensor, first: int, block: int, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (b, h, L, d), row i at index first + i, rotated by its offset inside its block with the
+    (block, d/2) ``cos``/``sin`` of :func:`rotary_turns`; one read and one write of x."""
+    return turn(x.contiguous(), cos[None], sin[None], first=first, period=block)
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> None:
+    if not supports(q, block_size):
+        raise ValueError(f"block-sparse kernel: head_dim must be in {HEAD_DIMS} and block_size in {BLOCK_SIZES}, "
+                         f"got head_dim={q.shape[-1]}, block_size={block_size}, dtype={q.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"block-sparse kernel: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, turns, *, block_size: int, scale: float | None,
+         rule: tuple[int, int, int, int], frames: Frames) -> Tensor:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dense = table is None
+    if dense:
+        table = count = q.new_zeros(1, 1, 1, 1, dtype=torch.int32)
+    else:
+        table, count = compact(table)
+    placeholder = q.new_zeros(1, 1, dtype=torch.int32)
+    q_pos = placeholder if frames.q_pos is None else frames.q_pos.int().contiguous()
+    k_pos = placeholder if frames.k_pos is None else frames.k_pos.int().contiguous()
+    setup = dict(block=block_size, scale=scale, rule=(*rule, frames.span), frame_rule=frames.rule, dense=dense,
+                 q_pos=q_pos, k_pos=k_pos)
+    return _BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), table, count, turns, setup)
 
 
 def block_sparse_attention(
@@ -423,16 +631,26 @@ def block_sparse_attention(
     ``inv_freq`` the kernel rotates q and k at merged positions (see the module docstring).
     ``window``/``group`` > 0 switch on the token rules. Returns (b, h, Lq, d).
     """
-    if not supports(q, block_size):
-        raise ValueError(f"block-sparse kernel: head_dim must be in {HEAD_DIMS} and block_size in {BLOCK_SIZES}, "
-                         f"got head_dim={q.shape[-1]}, block_size={block_size}, dtype={q.dtype}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"block-sparse kernel: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    table, count = compact(table)
+    _check(q, k, v, block_size)
     turns = None
     if inv_freq is not None:
-        turns = rotary_turns(inv_freq, table.shape[-1], block_size, rotary_scaling, q.device)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        width = table.shape[-1]
+        turns = rotary_turns(inv_freq, width, block_size, rotary_scaling, q.device)
     rule = (int(sink), int(window), int(group), int(shift))
-    return _BlockSparseAttention.apply(q, k, v, table, count, block_size, scale, turns, rule)
+    return _run(q[None], k[None], v, table, turns, block_size=block_size, scale=scale, rule=rule,
+                frames=Frames(NO_FRAMES, 0))
+
+
+def frame_attention(q: Tensor, k: Tensor, v: Tensor, frames: Frames, *, block_size: int, table: Tensor | None = None,
+                    scale: float | None = None, sink: int = 0, window: int = 0) -> Tensor:
+    """Attention scoring each (query, key) pair under the position map that ``frames.rule`` picks.
+
+    q (F, b, h, Lq, d) and k (Fk, b, h_kv, Lk, d) hold the queries and keys rotated under each map
+    (Fk = 1 when keys have one), v (b, h_kv, Lk, d). ``table`` as in :func:`block_sparse_attention`;
+    None runs dense causal attention without a table. Differentiable in q, k and v; (b, h, Lq, d).
+    """
+    _check(q[0], k[0], v, block_size)
+    if not 1 < q.shape[0] <= 3 or k.shape[0] not in (1, q.shape[0]):
+        raise ValueError(f"frame attention: q needs 2 or 3 frames and k 1 or as many, got {q.shape[0]}, {k.shape[0]}")
+    rule = (int(sink), int(window), 0, 0)
+    return _run(q, k, v, table, None, block_size=block_size, scale=scale, rule=rule, frames=frames)
