@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import BLOCK_SIZES, DCA, HEAD_DIMS, SELF_EXTEND, supports
+from . import BLOCK_SIZES, DCA, HEAD_DIMS, SELF_EXTEND, SINKS, supports
 from .rotary import turn
 from .tiles import add_halves, load_halves, rotate, store_halves
 
@@ -58,7 +58,7 @@ def _prune(configs: list, named_args: dict, **meta) -> list:
 
 TUNE = dict(configs=CONFIGS, key=KEYS, prune_configs_by={"early_config_prune": _prune})
 # The jit functions read module globals only as constexprs.
-RULE_DCA, RULE_SELF_EXTEND = tl.constexpr(DCA), tl.constexpr(SELF_EXTEND)
+RULE_DCA, RULE_SELF_EXTEND, RULE_SINKS = tl.constexpr(DCA), tl.constexpr(SELF_EXTEND), tl.constexpr(SINKS)
 
 
 class Frames(NamedTuple):
@@ -157,8 +157,28 @@ def _frame(q_idx, k_idx, q_pos, k_pos, SPAN, RULE: tl.constexpr):
 
 
 @triton.jit
-def _frame_span(fr):
-    return tl.min(tl.min(fr, 1), 0), tl.max(tl.max(fr, 1), 0)
+def _frame_bounds(QB, KB, m, START_BLOCK, k_block, SPAN, BLOCK: tl.constexpr, RULE: tl.constexpr):
+    # Lowest and highest frame in the pair of query block m (of the query grid) and a key block,
+    # from the blocks' (min, max) positions (indices for sinks), so that most pairs, which lie in
+    # one frame, skip the per-pair rule.
+    if RULE == RULE_SINKS:
+        gap = (START_BLOCK + m - k_block) * BLOCK
+        lo = tl.where(gap - BLOCK + 1 < SPAN, 0, 1)
+        hi = tl.where(gap + BLOCK - 1 >= SPAN, 1, 0)
+    else:
+        q_lo = tl.load(QB + 2 * m)
+        q_hi = tl.load(QB + 2 * m + 1)
+        k_lo = tl.load(KB + 2 * k_block)
+        k_hi = tl.load(KB + 2 * k_block + 1)
+        if RULE == RULE_SELF_EXTEND:
+            lo = tl.where(q_hi - k_lo >= SPAN, 0, 1)
+            hi = tl.where(q_lo - k_hi < SPAN, 1, 0)
+        else:
+            g_lo = q_lo // SPAN - k_hi // SPAN
+            g_hi = q_hi // SPAN - k_lo // SPAN
+            lo = tl.where((g_lo < 0) | (g_hi >= 2), 0, tl.where(g_hi >= 1, 1, 2))
+            hi = tl.where((g_lo <= 0) & (g_hi >= 0), 2, tl.where((g_lo <= 1) & (g_hi >= 1), 1, 0))
+    return lo, hi
 
 
 @triton.jit
@@ -230,9 +250,9 @@ def _positions(P, rows, ok, RULE: tl.constexpr):
 @triton.autotune(**TUNE)
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, LSE, TABLE, COUNT, COS, SIN, QPOS, KPOS,
+    Q, K, V, Out, LSE, TABLE, COUNT, COS, SIN, QPOS, KPOS, QB, KB,
     sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som,
-    stb, sth, stm, scb, sch, spq, spk,
+    stb, sth, stm, scb, sch, spq, spk, sbq, sbk,
     H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, qk_scale,
     SINK, WINDOW, GROUP, SHIFT, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
@@ -263,12 +283,13 @@ def _fwd_kernel(
         k_idx = k_block * BLOCK + t
         k_in = k_idx < Lk
         k1, k2 = _key_block(k_base, k_idx, k_in, skn, COS, SIN, slot - n + WIDTH, HALF, ROTARY)
-        if FRAMES == 1:
+        lo, hi = 0, 0
+        if FRAMES > 1:
+            lo, hi = _frame_bounds(QB + b * sbq, KB + b * sbk, m, START_BLOCK, k_block, SPAN, BLOCK, RULE)
+        if hi == 0:
             qk = _dot_t(q1, q2, k1, k2, DOT)
         else:
-            k_pos = _positions(KPOS + b * spk, k_idx, k_in, RULE)
-            fr = _frame(q_idx, k_idx, q_pos, k_pos, SPAN, RULE)
-            lo, hi = _frame_span(fr)
+            fr = _frame(q_idx, k_idx, q_pos, _positions(KPOS + b * spk, k_idx, k_in, RULE), SPAN, RULE)
             qk = _frame_scores(q1, q2, k1, k2, fr, lo, hi, q_base, sqf, q_row, q_ok, sqm, k_base, skf, k_idx, k_in,
                                skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT)
         qk = qk * qk_scale
@@ -297,9 +318,9 @@ def _fwd_kernel(
 @triton.autotune(**TUNE, reset_to_zero=["DQX"])
 @triton.jit
 def _dq_kernel(
-    Q, K, V, OUT, DO, DQ, DQX, LSE, DELTA, TABLE, COUNT, COS, SIN, TCOS, TSIN, QPOS, KPOS,
+    Q, K, V, OUT, DO, DQ, DQX, LSE, DELTA, TABLE, COUNT, COS, SIN, TCOS, TSIN, QPOS, KPOS, QB, KB,
     sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som,
-    stb, sth, stm, scb, sch, spq, spk,
+    stb, sth, stm, scb, sch, spq, spk, sbq, sbk,
     H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, qk_scale, sm_scale,
     SINK, WINDOW, GROUP, SHIFT, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
@@ -333,12 +354,13 @@ def _dq_kernel(
         k_idx = k_block * BLOCK + t
         k_in = k_idx < Lk
         k1, k2 = _key_block(k_base, k_idx, k_in, skn, COS, SIN, slot - n + WIDTH, HALF, ROTARY)
-        if FRAMES == 1:
+        lo, hi = 0, 0
+        if FRAMES > 1:
+            lo, hi = _frame_bounds(QB + b * sbq, KB + b * sbk, m, START_BLOCK, k_block, SPAN, BLOCK, RULE)
+        if hi == 0:
             qk = _dot_t(q1, q2, k1, k2, DOT)
         else:
-            k_pos = _positions(KPOS + b * spk, k_idx, k_in, RULE)
-            fr = _frame(q_idx, k_idx, q_pos, k_pos, SPAN, RULE)
-            lo, hi = _frame_span(fr)
+            fr = _frame(q_idx, k_idx, q_pos, _positions(KPOS + b * spk, k_idx, k_in, RULE), SPAN, RULE)
             qk = _frame_scores(q1, q2, k1, k2, fr, lo, hi, q_base, sqf, q_row, q_ok, sqm, k_base, skf, k_idx, k_in,
                                skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT)
         qk = qk * qk_scale
@@ -350,10 +372,11 @@ def _dq_kernel(
         v1, v2 = load_halves(v_base, k_idx, k_in, skn, HALF)
         dp = _dot_t(do1, do2, v1, v2, DOT)
         ds = p * (dp - delta[:, None])
-        if FRAMES == 1:
+        if hi == 0:
             dq1 = tl.dot(ds.to(K.dtype.element_ty), k1, dq1, input_precision=DOT)
             dq2 = tl.dot(ds.to(K.dtype.element_ty), k2, dq2, input_precision=DOT)
         else:
+            fr = _frame(q_idx, k_idx, q_pos, _positions(KPOS + b * spk, k_idx, k_in, RULE), SPAN, RULE)
             if lo == 0:
                 main = tl.where(fr == 0, ds, 0.0).to(K.dtype.element_ty)
                 dq1 = tl.dot(main, k1, dq1, input_precision=DOT)
@@ -371,8 +394,8 @@ def _dq_kernel(
 @triton.autotune(**TUNE, reset_to_zero=["DKX"])
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, DK, DV, DKX, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN, TCOS, TSIN, QPOS, KPOS,
-    sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som, scb, sch, spq, spk,
+    Q, K, V, DO, DK, DV, DKX, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN, TCOS, TSIN, QPOS, KPOS, QB, KB,
+    sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som, scb, sch, spq, spk, sbq, sbk,
     H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, NK, qk_scale, sm_scale,
     SINK, WINDOW, GROUP, SHIFT, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
@@ -419,12 +442,13 @@ def _dkv_kernel(
                 turn_row = tl.load(CSR_SLOT + e) - tl.load(COUNT + b * scb + h * sch + m) + WIDTH
                 q1, q2 = _turn_block(q1, q2, COS, SIN, turn_row, HALF, True)
             # Transposed scores: rows are keys, columns queries.
-            if FRAMES == 1:
+            lo, hi = 0, 0
+            if FRAMES > 1:
+                lo, hi = _frame_bounds(QB + b * sbq, KB + b * sbk, m, START_BLOCK, j, SPAN, BLOCK, RULE)
+            if hi == 0:
                 qkT = _dot_t(k1, k2, q1, q2, DOT)
             else:
-                q_pos = _positions(QPOS + b * spq, q_row, q_ok, RULE)
-                frT = tl.trans(_frame(q_idx, k_idx, q_pos, k_pos, SPAN, RULE))
-                lo, hi = _frame_span(frT)
+                frT = tl.trans(_frame(q_idx, k_idx, _positions(QPOS + b * spq, q_row, q_ok, RULE), k_pos, SPAN, RULE))
                 qkT = _frame_scores(k1, k2, q1, q2, frT, lo, hi, K + kv_base, skf, k_idx, k_in, skn, q_base, sqf,
                                     q_row, q_ok, sqm, HALF, BLOCK, FRAMES, KEY_FRAMES, FRAMES, DOT)
             pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
@@ -436,10 +460,11 @@ def _dkv_kernel(
             dv2 = tl.dot(pT.to(DO.dtype.element_ty), do2, dv2, input_precision=DOT)
             dpT = _dot_t(v1, v2, do1, do2, DOT)
             dsT = pT * (dpT - delta[None, :])
-            if FRAMES == 1:
+            if hi == 0:
                 dk1 = tl.dot(dsT.to(Q.dtype.element_ty), q1, dk1, input_precision=DOT)
                 dk2 = tl.dot(dsT.to(Q.dtype.element_ty), q2, dk2, input_precision=DOT)
             else:
+                frT = tl.trans(_frame(q_idx, k_idx, _positions(QPOS + b * spq, q_row, q_ok, RULE), k_pos, SPAN, RULE))
                 if lo == 0:
                     main = tl.where(frT == 0, dsT, 0.0).to(Q.dtype.element_ty)
                     dk1 = tl.dot(main, q1, dk1, input_precision=DOT)
@@ -499,9 +524,24 @@ def _launch_args(q: Tensor, k: Tensor, out: Tensor, table: Tensor, count: Tensor
     block = setup["block"]
     return dict(
         strides=(*q.stride()[:4], *k.stride()[:4], *out.stride()[:3]),
-        tables=(*table.stride()[:3], *count.stride()[:2], setup["q_pos"].stride(0), setup["k_pos"].stride(0)),
+        tables=(*table.stride()[:3], *count.stride()[:2], setup["q_pos"].stride(0), setup["k_pos"].stride(0),
+                setup["q_bounds"].stride(0), setup["k_bounds"].stride(0)),
         sizes=(h, h // h_kv, q_len, k_len, first, first // block, (k_len - 1) // block + 1 - first // block),
     )
+
+
+def _positional(setup: dict) -> tuple[Tensor, ...]:
+    return setup["q_pos"], setup["k_pos"], setup["q_bounds"], setup["k_bounds"]
+
+
+def _block_bounds(pos: Tensor, lead: int, block: int) -> Tensor:
+    """(b, n, 2) int32 min and max of positions (b, L) over blocks of ``block`` rows, the first
+    block missing its first ``lead`` rows."""
+    big = torch.iinfo(torch.int32).max
+    pad = (lead, -(lead + pos.shape[1]) % block)
+    low = torch.nn.functional.pad(pos, pad, value=big).view(pos.shape[0], -1, block).amin(-1)
+    high = torch.nn.functional.pad(pos, pad, value=-big).view(pos.shape[0], -1, block).amax(-1)
+    return torch.stack([low, high], dim=-1).int().contiguous()
 
 
 def _frame_buffer(x: Tensor) -> Tensor:
@@ -527,7 +567,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         a = _launch_args(q, k, out, table, count, setup)
         n_q = a["sizes"][-1]
         _fwd_kernel[(n_q, b * h)](
-            q, k, v, out, lse, table, count, *turns[:2], setup["q_pos"], setup["k_pos"],
+            q, k, v, out, lse, table, count, *turns[:2], *_positional(setup),
             *a["strides"], *a["tables"], *a["sizes"], table.shape[-1], setup["scale"] * LOG2E, *setup["rule"],
             **_meta(setup, d, rotary, q, k),
         )
@@ -550,7 +590,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dq_extra = _frame_buffer(q)
         _dq_kernel[(n_q, b * h)](
-            q, k, v, out, grad, dq, dq_extra, lse, delta, table, count, *turns, setup["q_pos"], setup["k_pos"],
+            q, k, v, out, grad, dq, dq_extra, lse, delta, table, count, *turns, *_positional(setup),
             *a["strides"], *a["tables"], *a["sizes"], table.shape[-1], scale * LOG2E, scale, *setup["rule"], **meta,
         )
         n_key_blocks = -(-k_len // block)
@@ -560,7 +600,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         sizes = a["sizes"]
         _dkv_kernel[(b * h_kv, n_key_blocks)](
             q, k, v, grad, dk, dv, dk_extra, lse, delta, count, offsets, csr_m, csr_slot, *turns,
-            setup["q_pos"], setup["k_pos"], *a["strides"], *a["tables"][-4:],
+            *_positional(setup), *a["strides"], *a["tables"][-6:],
             sizes[0], h_kv, *sizes[1:], table.shape[-1], n_key_blocks, scale * LOG2E, scale, *setup["rule"], **meta,
         )
         if f > 1:
@@ -602,10 +642,13 @@ def _run(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, turns, *, block_
     else:
         table, count = compact(table)
     placeholder = q.new_zeros(1, 1, dtype=torch.int32)
-    q_pos = placeholder if frames.q_pos is None else frames.q_pos.int().contiguous()
-    k_pos = placeholder if frames.k_pos is None else frames.k_pos.int().contiguous()
+    q_pos = k_pos = q_bounds = k_bounds = placeholder
+    if frames.rule in (DCA, SELF_EXTEND):
+        q_pos, k_pos = frames.q_pos.int().contiguous(), frames.k_pos.int().contiguous()
+        first = k.shape[-2] - q.shape[-2]
+        q_bounds, k_bounds = _block_bounds(q_pos, first % block_size, block_size), _block_bounds(k_pos, 0, block_size)
     setup = dict(block=block_size, scale=scale, rule=(*rule, frames.span), frame_rule=frames.rule, dense=dense,
-                 q_pos=q_pos, k_pos=k_pos)
+                 q_pos=q_pos, k_pos=k_pos, q_bounds=q_bounds, k_bounds=k_bounds)
     return _BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), table, count, turns, setup)
 
 
