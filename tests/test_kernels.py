@@ -162,3 +162,18 @@ def test_frame_methods_match_references(case, dtype, monkeypatch):
     close(out, ref, dtype)
     for a, e in zip(grads(out, (q, k, v), 5), grads(ref, (rq, rk, rv), 5), strict=True):
         close(a, e, dtype)
+
+
+def test_rotary_pass_matches_rope_rotate():
+    """The one-pass rotation (with yarn's scaling) equals Rope.rotate per map; its gradient is the sum of
+    each map's gradient."""
+    from longreach.kernels.rotary import rotate_frames
+
+    x = torch.randn(2, 3, 50, 32, device=DEVICE, dtype=torch.float64).float().requires_grad_()
+    rope = yarn(32, 10000.0, 4.0, 64)
+    maps = [torch.arange(50, device=DEVICE).expand(2, 50) * s + 7 for s in (1, 3)]
+    out = rotate_frames(x, rope, maps)
+    ref = torch.stack([rope.rotate(x, p[:, None]) for p in maps])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(*[torch.autograd.grad(y, x, g)[0] for y in (out, ref)], atol=1e-5, rtol=1e-5)
