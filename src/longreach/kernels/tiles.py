@@ -31,7 +31,8 @@ def store_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
 
 @triton.jit
 def add_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
-    # Atomic float32 accumulation, for gradient rows that other programs may also add to.
+    # Float32 accumulation into rows that one program revisits: atomics, because plain loads and stores
+    # by the threads of one program carry no ordering between an earlier addition and a later one.
     ptr = base + rows[:, None] * stride + tl.arange(0, HALF)[None, :]
     tl.atomic_add(ptr, y1, mask=ok[:, None])
     tl.atomic_add(ptr + HALF, y2, mask=ok[:, None])
