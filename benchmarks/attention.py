@@ -16,6 +16,7 @@ kernels' device time; their FLOPs count one product per block pair, although pai
 a frame border compute two or three. Writes JSON and a plot.
 
     python benchmarks/attention.py --out DIR [--lengths 8192,16384] [--heads 32] [--dim 128]
+        [--methods dca,sinks]
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dic
     return [{"L": length, "impl": impl, "method": name, "fwd_flops": flops, **rec} for impl, rec in rows]
 
 
-def run(lengths, heads, dim, out: Path, dtype=torch.bfloat16) -> dict:
+def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16) -> dict:
     rope = default(dim, 10000.0)
     records = []
     result = {}
@@ -238,7 +239,7 @@ def run(lengths, heads, dim, out: Path, dtype=torch.bfloat16) -> dict:
         sdpa = measure(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v), grad)
         records.append({"L": length, "impl": "sdpa_causal", "method": "dense", "fwd_flops": dense_flops, **sdpa})
         print(f"L={length:>6} sdpa        fwd {sdpa['fwd_ms']:8.2f} fwd+bwd {sdpa['fwdbwd_ms']:8.2f} ms", flush=True)
-        for name in SPARSE:
+        for name in methods:
             records += bench_method(name, q, k, v, grad, rope, dense_flops)
         del q, k, v, grad
         torch.cuda.empty_cache()
@@ -252,7 +253,7 @@ def run(lengths, heads, dim, out: Path, dtype=torch.bfloat16) -> dict:
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "python": platform.python_version(),
             "config": {"batch": 1, "heads": heads, "head_dim": dim, "dtype": str(dtype), "lengths": lengths,
-                       "defaults": {n: METHODS[n].defaults() for n in SPARSE}},
+                       "defaults": {n: METHODS[n].defaults() for n in methods}},
             "records": records,
         }
         (out / "attention.json").write_text(json.dumps(result, indent=1))  # kept if a later length fails
@@ -289,9 +290,13 @@ def main() -> None:
     parser.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--methods", default=",".join(SPARSE), help=f"comma-separated subset of {SPARSE}")
     args = parser.parse_args()
+    methods = tuple(args.methods.split(","))
+    if unknown := set(methods) - set(SPARSE):
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {SPARSE}")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run([int(x) for x in args.lengths.split(",")], args.heads, args.dim, args.out)
+    result = run([int(x) for x in args.lengths.split(",")], args.heads, args.dim, args.out, methods)
     plot(result, args.out / "attention.png")
 
 

@@ -164,6 +164,30 @@ def test_frame_methods_match_references(case, dtype, monkeypatch):
         close(a, e, dtype)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the benchmark's shape class; too slow for the interpreter")
+@pytest.mark.parametrize("name", ["dca", "self_extend", "sinks"])
+def test_frame_methods_at_default_blocks(name, monkeypatch):
+    """The frame kernels at the methods' default block (64) and head_dim 128 over many chunks: the tile
+    shape the benchmark autotunes, with long enough loops for software pipelining."""
+    from longreach import kernels
+    from longreach.attention import METHODS
+
+    length = 2048
+    q, k, v = inputs(1, 2, 2, length, length, 128, torch.bfloat16)
+    rope = default(128, 10000.0)
+    key = torch.arange(length, device=DEVICE)[None]
+    pos = Positions(key, key)
+    opts = dict(window=256) if name == "sinks" else dict(train_length=512)
+    fn = METHODS[name].fn
+    rq, rk, rv = upcast(q, k, v)
+    ref = fn(rq, rk, rv, positions=pos, rope=rope, **opts)
+    monkeypatch.setattr(kernels, "use_kernel", lambda *a: True)
+    out = fn(q, k, v, positions=pos, rope=rope, **opts)
+    close(out, ref, torch.bfloat16)
+    for a, e in zip(grads(out, (q, k, v), 6), grads(ref, (rq, rk, rv), 6), strict=True):
+        close(a, e, torch.bfloat16)
+
+
 def test_rotary_pass_matches_rope_rotate():
     """The one-pass rotation (with yarn's scaling) equals Rope.rotate per map; its gradient is the sum of
     each map's gradient."""

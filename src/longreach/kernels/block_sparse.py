@@ -19,8 +19,8 @@ Rotary inside the kernels, two ways:
 - frames: DCA, self-extend and re-indexed sinks score each (query, key) pair under one of two or
   three position maps, chosen per pair. q (and k) arrive rotated under each map, stacked (F, ...);
   a frame rule picks the map per pair, and only block pairs that straddle a frame border compute
-  more than one product. Frame 0 is the common one: its query and key sit in registers; the
-  gradients of the other frames are added atomically into float32 buffers.
+  more than one product. Frame 0 is the common one: its query and key sit in registers. Each
+  frame's gradient has its own accumulator, stored once by the program that owns its rows.
 Structure after the Triton fused-attention tutorial (online softmax in base 2, no L x L tensor); the
 backward recomputes probabilities from the saved log-sum-exp, and the dQ kernel forms
 delta = rowsum(dO * O) for the dK/dV kernel.
@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import BLOCK_SIZES, DCA, HEAD_DIMS, SELF_EXTEND, SINKS, supports
 from .rotary import turn
-from .tiles import add_halves, load_halves, rotate, store_halves
+from .tiles import load_halves, rotate, store_halves
 
 LOG2E = 1.4426950408889634
 KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT", "FRAMES", "DENSE"]
@@ -50,9 +50,14 @@ NO_FRAMES = 0
 
 
 def _prune(configs: list, named_args: dict, **meta) -> list:
-    # Triton 3.6 fails to lower the table-driven frame kernels (re-indexed sinks) with 8 warps.
-    if meta.get("FRAMES", 1) > 1 and not meta.get("DENSE"):
-        return [c for c in configs if c.num_warps == 4]
+    # Triton 3.6 fails to lower the table-driven frame kernels (re-indexed sinks) with 8 warps; and
+    # with three frames (DCA), 4 warps and more than 2 stages, its forward reads shared memory out
+    # of range (compute-sanitizer, at every length from 4K on H100).
+    frames = meta.get("FRAMES", 1)
+    if frames > 1 and not meta.get("DENSE"):
+        configs = [c for c in configs if c.num_warps == 4]
+    if frames > 2:
+        configs = [c for c in configs if c.num_warps == 8 or c.num_stages <= 2]
     return configs
 
 
@@ -209,6 +214,18 @@ def _frame_scores(r1, r2, c1, c2, fr, lo, hi, R, sr, rows_r, ok_r, srm, C, sc, r
 
 
 @triton.jit
+def _frame_gradient(acc1, acc2, ds, fr, f: tl.constexpr, lo, hi, main1, main2, base, frame_stride, rows, ok, stride,
+                    HALF: tl.constexpr, PER_FRAME: tl.constexpr, DOT: tl.constexpr):
+    # Frame f's share of a gradient: the entries of ds scored under frame f, times that frame's operand.
+    if (lo <= f) & (f <= hi):
+        b1, b2 = _operand(main1, main2, base, f, frame_stride, rows, ok, stride, HALF, PER_FRAME)
+        part = tl.where(fr == f, ds, 0.0).to(b1.dtype)
+        acc1 = tl.dot(part, b1, acc1, input_precision=DOT)
+        acc2 = tl.dot(part, b2, acc2, input_precision=DOT)
+    return acc1, acc2
+
+
+@triton.jit
 def _query_block(NQ, DENSE: tl.constexpr):
     # Dense causal runs the longest rows first, so they do not run last.
     if DENSE:
@@ -314,11 +331,10 @@ def _fwd_kernel(
     tl.store(LSE + bh * Lq + q_row, lse, mask=q_ok)
 
 
-# Autotuning runs a kernel once per config: the atomically accumulated buffers start from zero each time.
-@triton.autotune(**TUNE, reset_to_zero=["DQX"])
+@triton.autotune(**TUNE)
 @triton.jit
 def _dq_kernel(
-    Q, K, V, OUT, DO, DQ, DQX, LSE, DELTA, TABLE, COUNT, COS, SIN, TCOS, TSIN, QPOS, KPOS, QB, KB,
+    Q, K, V, OUT, DO, DQ, LSE, DELTA, TABLE, COUNT, COS, SIN, TCOS, TSIN, QPOS, KPOS, QB, KB,
     sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som,
     stb, sth, stm, scb, sch, spq, spk, sbq, sbk,
     H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, qk_scale, sm_scale,
@@ -346,6 +362,11 @@ def _dq_kernel(
     n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, DENSE)
     dq1 = tl.zeros([BLOCK, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK, HALF], tl.float32)
+    # Frames 1 and 2's gradients (unused without them).
+    dqa1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dqa2 = tl.zeros([BLOCK, HALF], tl.float32)
+    dqb1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dqb2 = tl.zeros([BLOCK, HALF], tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * skb + hk * skh
     table = TABLE + b * stb + h * sth + m * stm
@@ -377,24 +398,25 @@ def _dq_kernel(
             dq2 = tl.dot(ds.to(K.dtype.element_ty), k2, dq2, input_precision=DOT)
         else:
             fr = _frame(q_idx, k_idx, q_pos, _positions(KPOS + b * spk, k_idx, k_in, RULE), SPAN, RULE)
-            if lo == 0:
-                main = tl.where(fr == 0, ds, 0.0).to(K.dtype.element_ty)
-                dq1 = tl.dot(main, k1, dq1, input_precision=DOT)
-                dq2 = tl.dot(main, k2, dq2, input_precision=DOT)
-            for f in tl.static_range(1, FRAMES):
-                if (lo <= f) & (f <= hi):
-                    b1, b2 = _operand(k1, k2, k_base, f, skf, k_idx, k_in, skn, HALF, KEY_FRAMES > 1)
-                    part = tl.where(fr == f, ds, 0.0).to(K.dtype.element_ty)
-                    g1 = tl.dot(part, b1, input_precision=DOT) * sm_scale
-                    g2 = tl.dot(part, b2, input_precision=DOT) * sm_scale
-                    add_halves(DQX + (f - 1) * sqf + b * sqb + h * sqh, q_row, q_ok, sqm, g1, g2, HALF)
-    _store_gradient(DQ + b * sqb + h * sqh, q_row, q_ok, sqm, dq1, dq2, TCOS, TSIN, sm_scale, HALF, BLOCK, ROTARY)
+            dq1, dq2 = _frame_gradient(dq1, dq2, ds, fr, 0, lo, hi, k1, k2, k_base, skf, k_idx, k_in, skn, HALF,
+                                       False, DOT)
+            dqa1, dqa2 = _frame_gradient(dqa1, dqa2, ds, fr, 1, lo, hi, k1, k2, k_base, skf, k_idx, k_in, skn, HALF,
+                                         KEY_FRAMES > 1, DOT)
+            if FRAMES > 2:
+                dqb1, dqb2 = _frame_gradient(dqb1, dqb2, ds, fr, 2, lo, hi, k1, k2, k_base, skf, k_idx, k_in, skn,
+                                             HALF, KEY_FRAMES > 1, DOT)
+    dq_base = DQ + b * sqb + h * sqh
+    _store_gradient(dq_base, q_row, q_ok, sqm, dq1, dq2, TCOS, TSIN, sm_scale, HALF, BLOCK, ROTARY)
+    if FRAMES > 1:
+        store_halves(dq_base + sqf, q_row, q_ok, sqm, dqa1 * sm_scale, dqa2 * sm_scale, HALF)
+    if FRAMES > 2:
+        store_halves(dq_base + 2 * sqf, q_row, q_ok, sqm, dqb1 * sm_scale, dqb2 * sm_scale, HALF)
 
 
-@triton.autotune(**TUNE, reset_to_zero=["DKX"])
+@triton.autotune(**TUNE)
 @triton.jit
 def _dkv_kernel(
-    Q, K, V, DO, DK, DV, DKX, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN, TCOS, TSIN, QPOS, KPOS, QB, KB,
+    Q, K, V, DO, DK, DV, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN, TCOS, TSIN, QPOS, KPOS, QB, KB,
     sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som, scb, sch, spq, spk, sbq, sbk,
     H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, NK, qk_scale, sm_scale,
     SINK, WINDOW, GROUP, SHIFT, SPAN,
@@ -417,6 +439,11 @@ def _dkv_kernel(
     dk2 = tl.zeros([BLOCK, HALF], tl.float32)
     dv1 = tl.zeros([BLOCK, HALF], tl.float32)
     dv2 = tl.zeros([BLOCK, HALF], tl.float32)
+    # Keys rotated per frame: frames 1 and 2's gradients (unused without them).
+    dka1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dka2 = tl.zeros([BLOCK, HALF], tl.float32)
+    dkb1 = tl.zeros([BLOCK, HALF], tl.float32)
+    dkb2 = tl.zeros([BLOCK, HALF], tl.float32)
     for g in range(0, GROUP_HEADS):
         h = hk * GROUP_HEADS + g
         bh = b * H + h
@@ -465,22 +492,25 @@ def _dkv_kernel(
                 dk2 = tl.dot(dsT.to(Q.dtype.element_ty), q2, dk2, input_precision=DOT)
             else:
                 frT = tl.trans(_frame(q_idx, k_idx, _positions(QPOS + b * spq, q_row, q_ok, RULE), k_pos, SPAN, RULE))
-                if lo == 0:
-                    main = tl.where(frT == 0, dsT, 0.0).to(Q.dtype.element_ty)
-                    dk1 = tl.dot(main, q1, dk1, input_precision=DOT)
-                    dk2 = tl.dot(main, q2, dk2, input_precision=DOT)
-                for f in tl.static_range(1, FRAMES):
-                    if (lo <= f) & (f <= hi):
-                        a1, a2 = load_halves(q_base + f * sqf, q_row, q_ok, sqm, HALF)
-                        part = tl.where(frT == f, dsT, 0.0).to(Q.dtype.element_ty)
-                        if KEY_FRAMES > 1:
-                            g1 = tl.dot(part, a1, input_precision=DOT) * sm_scale
-                            g2 = tl.dot(part, a2, input_precision=DOT) * sm_scale
-                            add_halves(DKX + (f - 1) * skf + kv_base, k_idx, k_in, skn, g1, g2, HALF)
-                        else:
-                            dk1 = tl.dot(part, a1, dk1, input_precision=DOT)
-                            dk2 = tl.dot(part, a2, dk2, input_precision=DOT)
+                dk1, dk2 = _frame_gradient(dk1, dk2, dsT, frT, 0, lo, hi, q1, q2, q_base, sqf, q_row, q_ok, sqm, HALF,
+                                           False, DOT)
+                if KEY_FRAMES > 1:
+                    dka1, dka2 = _frame_gradient(dka1, dka2, dsT, frT, 1, lo, hi, q1, q2, q_base, sqf, q_row, q_ok, sqm,
+                                                 HALF, True, DOT)
+                    if FRAMES > 2:
+                        dkb1, dkb2 = _frame_gradient(dkb1, dkb2, dsT, frT, 2, lo, hi, q1, q2, q_base, sqf, q_row, q_ok,
+                                                     sqm, HALF, True, DOT)
+                else:
+                    dk1, dk2 = _frame_gradient(dk1, dk2, dsT, frT, 1, lo, hi, q1, q2, q_base, sqf, q_row, q_ok, sqm,
+                                               HALF, True, DOT)
+                    if FRAMES > 2:
+                        dk1, dk2 = _frame_gradient(dk1, dk2, dsT, frT, 2, lo, hi, q1, q2, q_base, sqf, q_row, q_ok,
+                                                   sqm, HALF, True, DOT)
     _store_gradient(DK + kv_base, k_idx, k_in, skn, dk1, dk2, TCOS, TSIN, sm_scale, HALF, BLOCK, ROTARY)
+    if KEY_FRAMES > 1:
+        store_halves(DK + skf + kv_base, k_idx, k_in, skn, dka1 * sm_scale, dka2 * sm_scale, HALF)
+    if KEY_FRAMES > 2:
+        store_halves(DK + 2 * skf + kv_base, k_idx, k_in, skn, dkb1 * sm_scale, dkb2 * sm_scale, HALF)
     store_halves(DV + kv_base, k_idx, k_in, skn, dv1, dv2, HALF)
 
 
@@ -544,13 +574,6 @@ def _block_bounds(pos: Tensor, lead: int, block: int) -> Tensor:
     return torch.stack([low, high], dim=-1).int().contiguous()
 
 
-def _frame_buffer(x: Tensor) -> Tensor:
-    """float32 gradient accumulator for frames 1.. of x (F, ...); a placeholder when F = 1."""
-    if x.shape[0] == 1:
-        return x.new_zeros(1, dtype=torch.float32)
-    return torch.zeros(x.shape[0] - 1, *x.shape[1:], device=x.device, dtype=torch.float32)
-
-
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, table, count, turns, setup):
@@ -580,7 +603,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         q, k, v, out, lse, table, count, *turns = ctx.saved_tensors
         setup = ctx.setup
         grad = grad.contiguous()
-        f, b, h, q_len, d = q.shape
+        b, h, q_len, d = q.shape[1:]
         h_kv, k_len = k.shape[2], k.shape[3]
         block, scale = setup["block"], setup["scale"]
         meta = _meta(setup, d, ctx.rotary, q, k)
@@ -588,25 +611,19 @@ class _BlockSparseAttention(torch.autograd.Function):
         n_q = a["sizes"][-1]
         delta = torch.empty_like(lse)
         dq = torch.empty_like(q)
-        dq_extra = _frame_buffer(q)
         _dq_kernel[(n_q, b * h)](
-            q, k, v, out, grad, dq, dq_extra, lse, delta, table, count, *turns, *_positional(setup),
+            q, k, v, out, grad, dq, lse, delta, table, count, *turns, *_positional(setup),
             *a["strides"], *a["tables"], *a["sizes"], table.shape[-1], scale * LOG2E, scale, *setup["rule"], **meta,
         )
         n_key_blocks = -(-k_len // block)
         offsets, csr_m, csr_slot = (count,) * 3 if setup["dense"] else transpose(table, count, n_key_blocks)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dk_extra = _frame_buffer(k)
         sizes = a["sizes"]
         _dkv_kernel[(b * h_kv, n_key_blocks)](
-            q, k, v, grad, dk, dv, dk_extra, lse, delta, count, offsets, csr_m, csr_slot, *turns,
+            q, k, v, grad, dk, dv, lse, delta, count, offsets, csr_m, csr_slot, *turns,
             *_positional(setup), *a["strides"], *a["tables"][-6:],
             sizes[0], h_kv, *sizes[1:], table.shape[-1], n_key_blocks, scale * LOG2E, scale, *setup["rule"], **meta,
         )
-        if f > 1:
-            dq[1:] = dq_extra
-        if k.shape[0] > 1:
-            dk[1:] = dk_extra
         return dq, dk, dv, None, None, None, None
 
 

@@ -28,11 +28,3 @@ def store_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
     tl.store(ptr, y1.to(base.dtype.element_ty), mask=ok[:, None])
     tl.store(ptr + HALF, y2.to(base.dtype.element_ty), mask=ok[:, None])
 
-
-@triton.jit
-def add_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
-    # Float32 accumulation into rows that one program revisits: atomics, because plain loads and stores
-    # by the threads of one program carry no ordering between an earlier addition and a later one.
-    ptr = base + rows[:, None] * stride + tl.arange(0, HALF)[None, :]
-    tl.atomic_add(ptr, y1, mask=ok[:, None])
-    tl.atomic_add(ptr + HALF, y2, mask=ok[:, None])
