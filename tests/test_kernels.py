@@ -168,7 +168,8 @@ def test_frame_methods_match_references(case, dtype, monkeypatch):
 @pytest.mark.parametrize("name", ["dca", "self_extend", "sinks"])
 def test_frame_methods_at_default_blocks(name, monkeypatch):
     """The frame kernels at the methods' default block (64) and head_dim 128 over many chunks: the tile
-    shape the benchmark autotunes, with long enough loops for software pipelining."""
+    shape the benchmark autotunes, with long enough loops for software pipelining. On a fresh machine
+    autotuning compiles every config first: several minutes per method."""
     from longreach import kernels
     from longreach.attention import METHODS
 

@@ -41,7 +41,7 @@ from .rotary import turn
 from .tiles import load_halves, rotate, store_halves
 
 LOG2E = 1.4426950408889634
-KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT", "FRAMES", "DENSE"]
+KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT", "FRAMES", "KEY_FRAMES", "RULE", "DENSE"]
 # The interpreter (CPU tests) needs no tuning; on a GPU pick among a few pipelines per shape class.
 CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)]
 if os.environ.get("TRITON_INTERPRET") != "1":
