@@ -186,17 +186,21 @@ def test_static_cache_decodes_like_the_full_cache(arch, policy, options):
     assert torch.equal(torch.cat([ids, *tokens], dim=1), full)
 
 
-def test_static_token_select_attends_to_its_selection():
-    n_init, n_local, top_k = 2, 3, 5
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
+def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
+    from longreach.cache import static
+
+    monkeypatch.setattr(static, "fused_votes", lambda keys: fused)
+    n_init, n_local, top_k, d = 2, 3, 5, 32
     layer = StaticPolicyLayer(32, "token_select", top_k=top_k, n_init=n_init, n_local=n_local)
-    k, v = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    k, v = torch.randn(1, 2, 20, d), torch.randn(1, 2, 20, d)
     layer.update(k, v)
-    q = torch.randn(1, 4, 1, 8)
-    out = layer.attend(q, Positions(torch.tensor([[19]]), None, None), None, 8**-0.5, None)
-    votes = _brute_votes(q, k, 8**-0.5)
+    q = torch.randn(1, 4, 1, d)
+    out = layer.attend(q, Positions(torch.tensor([[19]]), None, None), None, d**-0.5, None)
+    votes = _brute_votes(q, k, d**-0.5)
     picked = sorted(votes[0, n_init : 20 - n_local].topk(top_k).indices.add(n_init).tolist())
     index = torch.tensor(list(range(n_init)) + picked + list(range(20 - n_local, 20)))
-    probs = torch.softmax(torch.einsum("hd,hld->hl", q[0, :, 0], k[0, :, index].repeat_interleave(2, 0)) * 8**-0.5, -1)
+    probs = torch.softmax(torch.einsum("hd,hld->hl", q[0, :, 0], k[0, :, index].repeat_interleave(2, 0)) * d**-0.5, -1)
     torch.testing.assert_close(out[0, :, 0], torch.einsum("hl,hld->hd", probs, v[0, :, index].repeat_interleave(2, 0)))
 
 

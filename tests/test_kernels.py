@@ -202,3 +202,24 @@ def test_rotary_pass_matches_rope_rotate():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(out)
     torch.testing.assert_close(*[torch.autograd.grad(y, x, g)[0] for y in (out, ref)], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 64, 250), (1, 4, 4, 128, 32, 128), (1, 6, 2, 200, 128, 1)])
+def test_vote_kernel_matches_soft_votes(shape, dtype):
+    """TokenSelect's soft votes in one pass (split softmax over key blocks, device-side length) equal the
+    reference's masked softmax summed over heads, including a ragged last block and a single stored key."""
+    from longreach.cache.select import soft_votes
+    from longreach.kernels.votes import soft_votes as fused_votes
+
+    b, h, h_kv, slots, d, length = shape
+    q = torch.randn(b, h, 3, d, device=DEVICE).to(dtype)
+    keys = torch.randn(b, h_kv, slots, d, device=DEVICE).to(dtype) * 2
+    stored = torch.arange(slots, device=DEVICE) < length
+    ref = soft_votes(q, keys, d**-0.5, stored)
+    out = fused_votes(q, keys, d**-0.5, torch.tensor(length, device=DEVICE))
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    if length < slots:
+        assert out[:, length:].abs().max() == 0
+    torch.testing.assert_close(out.sum(-1), torch.full((b,), float(h), device=DEVICE), atol=1e-4, rtol=1e-4)

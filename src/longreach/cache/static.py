@@ -3,9 +3,10 @@
 Every tensor shape is fixed and nothing waits for the host, so one decode step can be captured in a
 CUDA graph (:mod:`longreach.decode`). Slot j holds position j, so keys are stored rotated (once, when
 written) and a step reads each key once. ``full`` attends to every stored token; ``token_select``
-scores every stored token against the step's query and attends to the first ``n_init``, the
-``top_k`` most voted and the last ``n_local`` (the selection is made afresh at every step: reusing
-it would need a branch inside the graph).
+scores every stored token against the step's query (on CUDA in one Triton pass over the keys,
+:mod:`longreach.kernels.votes`) and attends to the first ``n_init``, the ``top_k`` most voted and
+the last ``n_local`` (the selection is made afresh at every step: reusing it would need a branch
+inside the graph).
 """
 
 from __future__ import annotations
@@ -15,11 +16,20 @@ from torch import Tensor
 from transformers.cache_utils import StaticLayer
 
 from ..attention import Positions
+from ..kernels import HAS_TRITON
 from ..positions import Rope
 from . import select
 from .layers import Full, PolicyCache, _gather
 
+if HAS_TRITON:
+    from ..kernels.votes import soft_votes as soft_votes_kernel
+
 STATIC_POLICIES = ("full", "token_select")
+
+
+def fused_votes(keys: Tensor) -> bool:
+    """Whether token_select's votes take the Triton pass (CUDA keys of a head size it covers)."""
+    return HAS_TRITON and keys.is_cuda and keys.shape[-1] in (32, 64, 128)
 
 
 class StaticPolicyLayer(StaticLayer):
@@ -54,7 +64,10 @@ class StaticPolicyLayer(StaticLayer):
     def selection(self, q: Tensor, scale: float, slots: Tensor, stored: Tensor) -> tuple[Tensor, Tensor]:
         """Attended slots (b, n_init + top_k + n_local) and whether each holds a token that counts."""
         length = self.cumulative_length
-        votes = select.soft_votes(q, self.keys, scale, stored)
+        if fused_votes(self.keys):
+            votes = soft_votes_kernel(q, self.keys, scale, length)
+        else:
+            votes = select.soft_votes(q, self.keys, scale, stored)
         candidate = (slots >= self.n_init) & (slots < length - self.n_local)
         picked = votes.masked_fill(~candidate, float("-inf")).topk(self.top_k, dim=-1).indices
         init = slots[: self.n_init].expand(len(q), -1)
