@@ -547,15 +547,18 @@ def rotary_turns(inv_freq: Tensor, width: int, block: int, scaling: float,
 
 
 def _launch_args(q: Tensor, k: Tensor, out: Tensor, table: Tensor, count: Tensor, setup: dict) -> dict:
-    """Stride and size arguments shared by the three kernels; q (F, b, h, Lq, d), k (Fk, b, h_kv, Lk, d)."""
+    """Stride and size arguments of the kernels; q (F, b, h, Lq, d), k (Fk, b, h_kv, Lk, d). The dK/dV
+    kernel walks the table's transpose, so it takes ``per_row`` (count and position strides) but not
+    ``table`` (the table's own strides)."""
     h, q_len = q.shape[2], q.shape[3]
     h_kv, k_len = k.shape[2], k.shape[3]
     first = k_len - q_len
     block = setup["block"]
     return dict(
         strides=(*q.stride()[:4], *k.stride()[:4], *out.stride()[:3]),
-        tables=(*table.stride()[:3], *count.stride()[:2], setup["q_pos"].stride(0), setup["k_pos"].stride(0),
-                setup["q_bounds"].stride(0), setup["k_bounds"].stride(0)),
+        table=table.stride()[:3],
+        per_row=(*count.stride()[:2], setup["q_pos"].stride(0), setup["k_pos"].stride(0),
+                 setup["q_bounds"].stride(0), setup["k_bounds"].stride(0)),
         sizes=(h, h // h_kv, q_len, k_len, first, first // block, (k_len - 1) // block + 1 - first // block),
     )
 
@@ -591,8 +594,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         n_q = a["sizes"][-1]
         _fwd_kernel[(n_q, b * h)](
             q, k, v, out, lse, table, count, *turns[:2], *_positional(setup),
-            *a["strides"], *a["tables"], *a["sizes"], table.shape[-1], setup["scale"] * LOG2E, *setup["rule"],
-            **_meta(setup, d, rotary, q, k),
+            *a["strides"], *a["table"], *a["per_row"], *a["sizes"], table.shape[-1], setup["scale"] * LOG2E,
+            *setup["rule"], **_meta(setup, d, rotary, q, k),
         )
         ctx.save_for_backward(q, k, v, out, lse, table, count, *turns)
         ctx.rotary, ctx.setup = rotary, setup
@@ -613,7 +616,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         _dq_kernel[(n_q, b * h)](
             q, k, v, out, grad, dq, lse, delta, table, count, *turns, *_positional(setup),
-            *a["strides"], *a["tables"], *a["sizes"], table.shape[-1], scale * LOG2E, scale, *setup["rule"], **meta,
+            *a["strides"], *a["table"], *a["per_row"], *a["sizes"], table.shape[-1], scale * LOG2E, scale,
+            *setup["rule"], **meta,
         )
         n_key_blocks = -(-k_len // block)
         offsets, csr_m, csr_slot = (count,) * 3 if setup["dense"] else transpose(table, count, n_key_blocks)
@@ -621,7 +625,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         sizes = a["sizes"]
         _dkv_kernel[(b * h_kv, n_key_blocks)](
             q, k, v, grad, dk, dv, lse, delta, count, offsets, csr_m, csr_slot, *turns,
-            *_positional(setup), *a["strides"], *a["tables"][-6:],
+            *_positional(setup), *a["strides"], *a["per_row"],
             sizes[0], h_kv, *sizes[1:], table.shape[-1], n_key_blocks, scale * LOG2E, scale, *setup["rule"], **meta,
         )
         return dq, dk, dv, None, None, None, None
