@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers.cache_utils import StaticLayer
 
 from ..attention import Positions
-from ..kernels import HAS_TRITON
+from ..kernels import HAS_TRITON, HEAD_DIMS
 from ..positions import Rope
 from . import select
 from .layers import Full, PolicyCache, _gather
@@ -29,7 +29,7 @@ STATIC_POLICIES = ("full", "token_select")
 
 def fused_votes(keys: Tensor) -> bool:
     """Whether token_select's votes take the Triton pass (CUDA keys of a head size it covers)."""
-    return HAS_TRITON and keys.is_cuda and keys.shape[-1] in (32, 64, 128)
+    return HAS_TRITON and keys.is_cuda and keys.shape[-1] in HEAD_DIMS
 
 
 class StaticPolicyLayer(StaticLayer):

@@ -52,7 +52,7 @@ NO_FRAMES = 0
 def _prune(configs: list, named_args: dict, **meta) -> list:
     # Triton 3.6 fails to lower the table-driven frame kernels (re-indexed sinks) with 8 warps; and
     # with three frames (DCA), 4 warps and more than 2 stages, its forward reads shared memory out
-    # of range (compute-sanitizer, at every length from 4K on H100).
+    # of range (compute-sanitizer, at every length from 2K on H100).
     frames = meta.get("FRAMES", 1)
     if frames > 1 and not meta.get("DENSE"):
         configs = [c for c in configs if c.num_warps == 4]

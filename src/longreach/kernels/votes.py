@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import HEAD_DIMS
+
 BLOCK = 128
 
 
@@ -50,8 +52,8 @@ def soft_votes(query: Tensor, keys: Tensor, scale: float, length: Tensor) -> Ten
     """
     b, h, _, d = query.shape
     h_kv, slots = keys.shape[1], keys.shape[2]
-    if d not in (32, 64, 128) or h % h_kv:
-        raise ValueError(f"soft_votes kernel: head_dim must be 32, 64 or 128 and heads a multiple of kv heads, "
+    if d not in HEAD_DIMS or h % h_kv:
+        raise ValueError(f"soft_votes kernel: head_dim must be in {HEAD_DIMS} and heads a multiple of kv heads, "
                          f"got head_dim={d}, heads={h}, kv heads={h_kv}")
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
