@@ -1,11 +1,12 @@
 """Extend the shipped reference model from 512 tokens to 16x with longreach's fine-tuning recipe.
 
 Run on the device: ``python benchmarks/extend_reference.py data/corpus OUT --minutes 3``. For each
-training method (default select_merge and s2) the recipe fine-tunes the model at ``--length`` tokens
-with CRD-NTK (LoRA r=8 on q/k/v/o plus embeddings and norms, bf16) on the project's corpus mixed,
-like the pretraining, with synthetic passkey and needle prompts. Each run then evaluates passkey
-retrieval and perplexity at 1x to 64x the trained length, next to the un-tuned model under the
-same setups, in the same process. The step count fits ``--minutes`` from a timed pilot of 3 steps.
+training method (default select_merge and s2; dca too) the recipe fine-tunes the model at ``--length``
+tokens with CRD-NTK (dca with its own position map instead; LoRA r=8 on q/k/v/o plus embeddings and
+norms, bf16) on the project's corpus mixed, like the pretraining, with synthetic passkey and needle
+prompts. Each run then evaluates passkey retrieval and perplexity at 1x to 64x the trained length,
+next to the un-tuned model under the same setups, in the same process. The step count fits
+``--minutes`` from a timed pilot of 3 steps.
 
 Writes ``OUT/extend_reference.json`` (training curves and evaluation records), ``passkey.png`` and
 ``perplexity.png``.
@@ -41,7 +42,13 @@ INFERENCE = {
     "select_merge": [("select_merge+ntk", math.ceil(MERGED_SPAN / TRAIN_LENGTH), {}), ("select_merge+ntk", None, {}),
                      ("select_merge+ntk", None, {"top_k": 32}), ("ntk", None, {})],
     "s2": [("ntk", None, {})],
+    "dca": [("dca", 1, {})],
 }
+# The position scheme each method trains with: dca maps every query-key distance into the trained
+# window itself (intra-, successive- and inter-chunk positions all below 512), so rescaling RoPE on
+# top would only move it away from the pretrained frequencies; the others see unseen distances and
+# train with CRD-NTK.
+TRAIN_POSITION = {"select_merge": "crd_ntk", "s2": "crd_ntk", "dca": None}
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -54,7 +61,7 @@ def tune(method: str, stream, args: argparse.Namespace) -> tuple[torch.nn.Module
     """Fine-tune a fresh copy of the reference model with ``method``; returns the merged model and history."""
     def fresh(steps: int):
         model, tokenizer = load_reference_model(torch.bfloat16, args.device)
-        config = FinetuneConfig(length=args.length, steps=steps, attention=method, position="crd_ntk",
+        config = FinetuneConfig(length=args.length, steps=steps, attention=method, position=TRAIN_POSITION[method],
                                 max_factor=args.max_factor or args.length / TRAIN_LENGTH, learning_rate=args.lr,
                                 warmup=args.warmup, batch_size=args.batch, checkpointing=False, seed=args.seed)
         return prepare(model, config), tokenizer, config
@@ -100,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("corpus", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--methods", default="select_merge,s2")
+    parser.add_argument("--methods", default="select_merge,s2", help=f"any of {', '.join(INFERENCE)}")
     parser.add_argument("--length", type=int, default=16 * TRAIN_LENGTH)
     parser.add_argument("--minutes", type=float, default=3.0, help="training time per method")
     parser.add_argument("--batch", type=int, default=8)
@@ -115,6 +122,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    if unknown := set(args.methods.split(",")) - set(INFERENCE):
+        parser.error(f"--methods: {', '.join(sorted(unknown))} not among {', '.join(INFERENCE)}")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     base, tokenizer = load_reference_model(torch.bfloat16, args.device)
