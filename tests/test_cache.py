@@ -190,7 +190,7 @@ def test_static_cache_decodes_like_the_full_cache(arch, policy, options):
 def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
     from longreach.cache import static
 
-    monkeypatch.setattr(static, "fused_votes", lambda keys: fused)
+    monkeypatch.setattr(static, "use_kernels", lambda keys: fused)
     n_init, n_local, top_k, d = 2, 3, 5, 32
     layer = StaticPolicyLayer(32, "token_select", top_k=top_k, n_init=n_init, n_local=n_local)
     k, v = torch.randn(1, 2, 20, d), torch.randn(1, 2, 20, d)

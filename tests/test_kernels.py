@@ -223,3 +223,44 @@ def test_vote_kernel_matches_soft_votes(shape, dtype):
     if length < slots:
         assert out[:, length:].abs().max() == 0
     torch.testing.assert_close(out.sum(-1), torch.full((b,), float(h), device=DEVICE), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 64, 150), (1, 4, 4, 50, 32, 7), (1, 6, 2, 200, 128, 130),
+                                   (1, 2, 1, 3000, 32, 2200)])
+def test_gathered_decode_attention_matches_gather_then_attend(shape, dtype):
+    """Attention over listed cache slots read in place equals gathering them and running the
+    reference decode attention: GQA, repeated and non-counting slots, a ragged last block, a block
+    with no counting slot, and more partials than one merge step takes."""
+    from longreach.cache.layers import _gather
+    from longreach.cache.select import decode_attention
+    from longreach.kernels.gathered import BLOCK, MERGE, gathered_decode_attention
+
+    b, h, h_kv, slots, d, n = shape
+    gen = torch.Generator().manual_seed(n)
+    q, k, v = (torch.randn(*s, generator=gen).to(DEVICE, dtype) for s in ((b, h, 1, d), *[(b, h_kv, slots, d)] * 2))
+    index = torch.randint(0, slots, (b, n), generator=gen).to(DEVICE)
+    if n > MERGE * BLOCK:
+        # keys growing along the listed order put the largest logits in the last merge step, which
+        # must then rescale what the earlier steps summed
+        index = index.sort(-1).values
+        k = k * torch.linspace(0.2, 4.0, slots, device=DEVICE)[:, None].to(dtype)
+    valid = (torch.rand(b, n, generator=gen) < 0.7).to(DEVICE)
+    valid[:, 0] = True
+    valid[:, BLOCK : 2 * BLOCK] = False
+    k32, v32 = _gather(k.float(), index[:, None]), _gather(v.float(), index[:, None])
+    ref = decode_attention(q.float(), k32, v32, valid, d**-0.5)
+    out = gathered_decode_attention(q, k, v, index, valid, d**-0.5)
+    assert out.dtype == dtype
+    close(out, ref, dtype)
+
+
+def test_gathered_decode_attention_bad_input():
+    from longreach.kernels.gathered import gathered_decode_attention
+
+    q, k = torch.randn(1, 4, 1, 32, device=DEVICE), torch.randn(1, 2, 10, 32, device=DEVICE)
+    index, valid = torch.zeros(1, 3, dtype=torch.long, device=DEVICE), torch.ones(1, 3, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match="q must be"):
+        gathered_decode_attention(q.expand(1, 4, 2, 32), k, k, index, valid, 1.0)
+    with pytest.raises(ValueError, match="index and valid"):
+        gathered_decode_attention(q, k, k, index, valid[:, :2], 1.0)

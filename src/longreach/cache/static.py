@@ -5,8 +5,8 @@ CUDA graph (:mod:`longreach.decode`). Slot j holds position j, so keys are store
 written) and a step reads each key once. ``full`` attends to every stored token; ``token_select``
 scores every stored token against the step's query (on CUDA in one Triton pass over the keys,
 :mod:`longreach.kernels.votes`) and attends to the first ``n_init``, the ``top_k`` most voted and
-the last ``n_local`` (the selection is made afresh at every step: reusing it would need a branch
-inside the graph).
+the last ``n_local``, read in place from the cache (:mod:`longreach.kernels.gathered`). The
+selection is made afresh at every step: reusing it would need a branch inside the graph.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ from . import select
 from .layers import Full, PolicyCache, _gather
 
 if HAS_TRITON:
+    from ..kernels.gathered import gathered_decode_attention
     from ..kernels.votes import soft_votes as soft_votes_kernel
 
 STATIC_POLICIES = ("full", "token_select")
 
 
-def fused_votes(keys: Tensor) -> bool:
-    """Whether token_select's votes take the Triton pass (CUDA keys of a head size it covers)."""
+def use_kernels(keys: Tensor) -> bool:
+    """Whether token_select's votes and attention take the Triton kernels (CUDA keys of a head size
+    they cover)."""
     return HAS_TRITON and keys.is_cuda and keys.shape[-1] in HEAD_DIMS
 
 
@@ -54,22 +56,23 @@ class StaticPolicyLayer(StaticLayer):
             self.keys.index_copy_(2, slot, rope.rotate(self.keys.index_select(2, slot), slot))
             q = rope.rotate(q, where.query[:, None])
         slots = torch.arange(self.max_cache_len, device=q.device)
-        stored = slots < self.cumulative_length
         if self.policy == "full":
-            return select.decode_attention(q, self.keys, self.values, stored[None], scale)
-        index, valid = self.selection(q, scale, slots, stored)
+            return select.decode_attention(q, self.keys, self.values, (slots < self.cumulative_length)[None], scale)
+        index, valid = self.selection(q, scale, slots)
+        if use_kernels(self.keys):
+            return gathered_decode_attention(q, self.keys, self.values, index, valid, scale)
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
         return select.decode_attention(q, keys, values, valid, scale)
 
-    def selection(self, q: Tensor, scale: float, slots: Tensor, stored: Tensor) -> tuple[Tensor, Tensor]:
-        """Attended slots (b, n_init + top_k + n_local) and whether each holds a token that counts."""
+    def selection(self, q: Tensor, scale: float, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Attended slots (b, n_init + top_k + n_local), unordered, and whether each holds a token that counts."""
         length = self.cumulative_length
-        if fused_votes(self.keys):
+        if use_kernels(self.keys):
             votes = soft_votes_kernel(q, self.keys, scale, length)
         else:
-            votes = select.soft_votes(q, self.keys, scale, stored)
+            votes = select.soft_votes(q, self.keys, scale, slots < length)
         candidate = (slots >= self.n_init) & (slots < length - self.n_local)
-        picked = votes.masked_fill(~candidate, float("-inf")).topk(self.top_k, dim=-1).indices
+        picked = votes.masked_fill(~candidate, float("-inf")).topk(self.top_k, dim=-1, sorted=False).indices
         init = slots[: self.n_init].expand(len(q), -1)
         local = (length - self.n_local + slots[: self.n_local]).expand(len(q), -1)
         index = torch.cat([init, picked, local.clamp_min(0)], dim=-1)

@@ -1,4 +1,5 @@
-"""Triton helpers shared by the kernels: rows of a (L, d) slab as their two rotary halves, and the turn."""
+"""Triton helpers shared by the kernels: rows of a (L, d) slab as their two rotary halves, the turn,
+and a kv group's decode scores."""
 
 from __future__ import annotations
 
@@ -28,3 +29,29 @@ def store_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
     tl.store(ptr, y1.to(base.dtype.element_ty), mask=ok[:, None])
     tl.store(ptr + HALF, y2.to(base.dtype.element_ty), mask=ok[:, None])
 
+
+
+@triton.jit
+def kv_program(H_KV, BLOCK: tl.constexpr):
+    # A decode kernel's program (b * h_kv + hk, j): bhk, b, hk, j and the j-th block's positions.
+    bhk = tl.program_id(0)
+    j = tl.program_id(1)
+    return bhk, bhk // H_KV, bhk % H_KV, j, j * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def group_scores(Q, kv, bhk, slots, ok, stride, scale, G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                 DOT: tl.constexpr):
+    # Decode scores (ROWS, n) of kv-head program bhk's G query rows of Q (b * h, D) (rows from G on
+    # are padding) against rows ``slots`` of the (L, D) slab at ``kv``, -inf where ``ok`` fails; with
+    # each row's max and exp(s - max), a split softmax's part. Also returns head ids, real rows.
+    dh = tl.arange(0, D)
+    k = tl.load(kv + slots[:, None] * stride + dh[None, :], mask=ok[:, None], other=0.0)
+    g = tl.arange(0, ROWS)
+    head = bhk * G + g
+    q = tl.load(Q + head[:, None] * D + dh[None, :], mask=g[:, None] < G, other=0.0)
+    s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT) * scale
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    p = tl.math.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
+    return s, m, p, head, g < G

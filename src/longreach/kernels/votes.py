@@ -16,32 +16,35 @@ import triton.language as tl
 from torch import Tensor
 
 from . import HEAD_DIMS
+from .tiles import group_scores, kv_program
 
 BLOCK = 128
+SUM_BLOCK = 256
 
 
 @triton.jit
 def _logits_kernel(Q, K, LENGTH, LOGITS, BMAX, BSUM, skb, skh, skl, H_KV, L, NB, scale,
                    G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
     # Program (b * h_kv + hk, j): keys j * BLOCK.. of kv head hk against its G query fingerprints.
-    bhk = tl.program_id(0)
-    j = tl.program_id(1)
-    b = bhk // H_KV
-    hk = bhk % H_KV
-    cols = j * BLOCK + tl.arange(0, BLOCK)
+    bhk, b, hk, j, cols = kv_program(H_KV, BLOCK)
     stored = cols < tl.load(LENGTH)
-    dh = tl.arange(0, D)
-    k = tl.load(K + b * skb + hk * skh + cols[:, None] * skl + dh[None, :], mask=stored[:, None], other=0.0)
-    g = tl.arange(0, ROWS)
-    head = bhk * G + g
-    q = tl.load(Q + head[:, None] * D + dh[None, :], mask=g[:, None] < G, other=0.0)
-    s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=DOT) * scale
-    s = tl.where(stored[None, :], s, float("-inf"))
-    tl.store(LOGITS + head[:, None] * L + cols[None, :], s, mask=(g[:, None] < G) & (cols[None, :] < L))
-    m = tl.max(s, 1)
-    total = tl.sum(tl.math.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None]), 1)
-    tl.store(BMAX + head * NB + j, m, mask=g < G)
-    tl.store(BSUM + head * NB + j, total, mask=g < G)
+    s, m, p, head, real = group_scores(Q, K + b * skb + hk * skh, bhk, cols, stored, skl, scale, G, ROWS, D, DOT)
+    tl.store(LOGITS + head[:, None] * L + cols[None, :], s, mask=real[:, None] & (cols[None, :] < L))
+    tl.store(BMAX + head * NB + j, m, mask=real)
+    tl.store(BSUM + head * NB + j, tl.sum(p, 1), mask=real)
+
+
+@triton.jit
+def _sum_kernel(LOGITS, TOP, NORM, VOTES, H, L, BLOCK: tl.constexpr):
+    # Program (b, j): votes of slots j * BLOCK.., summing each head's normalised probabilities.
+    b = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < L
+    votes = tl.zeros((BLOCK,), tl.float32)
+    for head in range(b * H, (b + 1) * H):
+        s = tl.load(LOGITS + head * L + cols, mask=inside, other=float("-inf"))
+        votes += tl.math.exp(s - tl.load(TOP + head)) / tl.load(NORM + head)
+    tl.store(VOTES + b * L + cols, votes, mask=inside)
 
 
 def soft_votes(query: Tensor, keys: Tensor, scale: float, length: Tensor) -> Tensor:
@@ -69,5 +72,7 @@ def soft_votes(query: Tensor, keys: Tensor, scale: float, length: Tensor) -> Ten
         DOT="ieee" if keys.dtype == torch.float32 else "tf32",
     )
     top = block_max.amax(-1, keepdim=True)
-    norm = (block_sum * (block_max - top).exp()).sum(-1, keepdim=True)
-    return ((logits - top).exp() / norm).sum(1)
+    norm = (block_sum * (block_max - top).exp()).sum(-1)
+    votes = torch.empty(b, slots, device=keys.device, dtype=torch.float32)
+    _sum_kernel[(b, triton.cdiv(slots, SUM_BLOCK))](logits, top, norm, votes, h, slots, BLOCK=SUM_BLOCK)
+    return votes
