@@ -204,6 +204,21 @@ def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
     torch.testing.assert_close(out[0, :, 0], torch.einsum("hl,hld->hd", probs, v[0, :, index].repeat_interleave(2, 0)))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
+def test_static_full_attends_to_every_stored_token(fused, monkeypatch):
+    from longreach.cache import static
+
+    monkeypatch.setattr(static, "use_kernels", lambda keys: fused)
+    d = 32
+    layer = StaticPolicyLayer(200, "full")
+    k, v = torch.randn(2, 2, 150, d), torch.randn(2, 2, 150, d)
+    layer.update(k, v)
+    q = torch.randn(2, 4, 1, d)
+    out = layer.attend(q, Positions(torch.tensor([[149], [149]]), None, None), None, d**-0.5, None)
+    probs = torch.softmax(torch.einsum("bhd,bhld->bhl", q[:, :, 0], k.repeat_interleave(2, 1)) * d**-0.5, -1)
+    torch.testing.assert_close(out[:, :, 0], torch.einsum("bhl,bhld->bhd", probs, v.repeat_interleave(2, 1)))
+
+
 def test_static_cache_bad_input():
     with pytest.raises(ValueError, match="static cache policy"):
         make_static_cache("h2o", 2, 16)

@@ -225,16 +225,21 @@ def test_vote_kernel_matches_soft_votes(shape, dtype):
     torch.testing.assert_close(out.sum(-1), torch.full((b,), float(h), device=DEVICE), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("programs", [1024, 3], ids=["block-per-program", "blocks-per-program"])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
 @pytest.mark.parametrize("shape", [(2, 8, 2, 300, 64, 150), (1, 4, 4, 50, 32, 7), (1, 6, 2, 200, 128, 130),
                                    (1, 2, 1, 3000, 32, 2200)])
-def test_gathered_decode_attention_matches_gather_then_attend(shape, dtype):
+def test_gathered_decode_attention_matches_gather_then_attend(shape, dtype, programs, monkeypatch):
     """Attention over listed cache slots read in place equals gathering them and running the
     reference decode attention: GQA, repeated and non-counting slots, a ragged last block, a block
-    with no counting slot, and more partials than one merge step takes."""
+    with no counting slot, more partials than one merge step takes, and programs running several
+    blocks (few programs aimed for, as for a long list)."""
     from longreach.cache.layers import _gather
     from longreach.cache.select import decode_attention
+    from longreach.kernels import gathered
     from longreach.kernels.gathered import BLOCK, MERGE, gathered_decode_attention
+
+    monkeypatch.setattr(gathered, "PROGRAMS", programs)
 
     b, h, h_kv, slots, d, n = shape
     gen = torch.Generator().manual_seed(n)

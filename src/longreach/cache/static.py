@@ -2,11 +2,11 @@
 
 Every tensor shape is fixed and nothing waits for the host, so one decode step can be captured in a
 CUDA graph (:mod:`longreach.decode`). Slot j holds position j, so keys are stored rotated (once, when
-written) and a step reads each key once. ``full`` attends to every stored token; ``token_select``
+written) and a step reads each key once. On CUDA the attention reads the attended slots in place
+(:mod:`longreach.kernels.gathered`). ``full`` attends to every stored token; ``token_select``
 scores every stored token against the step's query (on CUDA in one Triton pass over the keys,
 :mod:`longreach.kernels.votes`) and attends to the first ``n_init``, the ``top_k`` most voted and
-the last ``n_local``, read in place from the cache (:mod:`longreach.kernels.gathered`). The
-selection is made afresh at every step: reusing it would need a branch inside the graph.
+the last ``n_local``. The selection is made afresh at every step: reusing it would need a branch inside the graph.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ STATIC_POLICIES = ("full", "token_select")
 
 
 def use_kernels(keys: Tensor) -> bool:
-    """Whether token_select's votes and attention take the Triton kernels (CUDA keys of a head size
-    they cover)."""
+    """Whether the attention (and token_select's votes) take the Triton kernels (CUDA keys of a head
+    size they cover)."""
     return HAS_TRITON and keys.is_cuda and keys.shape[-1] in HEAD_DIMS
 
 
@@ -57,10 +57,13 @@ class StaticPolicyLayer(StaticLayer):
             q = rope.rotate(q, where.query[:, None])
         slots = torch.arange(self.max_cache_len, device=q.device)
         if self.policy == "full":
-            return select.decode_attention(q, self.keys, self.values, (slots < self.cumulative_length)[None], scale)
-        index, valid = self.selection(q, scale, slots)
+            index, valid = slots.expand(len(q), -1), (slots < self.cumulative_length).expand(len(q), -1)
+        else:
+            index, valid = self.selection(q, scale, slots)
         if use_kernels(self.keys):
             return gathered_decode_attention(q, self.keys, self.values, index, valid, scale)
+        if self.policy == "full":
+            return select.decode_attention(q, self.keys, self.values, valid, scale)
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
         return select.decode_attention(q, keys, values, valid, scale)
 

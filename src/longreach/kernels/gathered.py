@@ -1,10 +1,10 @@
 """One decode step's attention over a list of cached slots, read in place: a drop-in for gathering
 the listed keys and values and calling :func:`longreach.cache.select.decode_attention` on them.
 
-Flash-decoding: the list is split into blocks of ``BLOCK`` slots; one program per (batch, kv head,
-block) loads its slots' keys and values straight from the cache for every query head of the group
-and writes an unnormalised partial output with its softmax statistics (max, sum of exp); a second
-pass merges the partials per head (softmax over the union = rescaled sum of the parts).
+Flash-decoding: the list is split into runs of blocks of ``BLOCK`` slots; one program per (batch,
+kv head, run) loads its slots' keys and values straight from the cache for every query head of the
+group and writes an unnormalised partial output with its softmax statistics (max, sum of exp); a
+second pass merges the partials per head (softmax over the union = rescaled sum of the parts).
 """
 
 from __future__ import annotations
@@ -19,24 +19,40 @@ from .tiles import group_scores, kv_program
 
 BLOCK = 64
 MERGE = 32
+# Programs to aim for: long lists (the full cache) give each program several blocks, short ones one.
+PROGRAMS = 1024
 
 
 @triton.jit
-def _partial_kernel(Q, K, V, INDEX, VALID, ACC, MAX, SUM, skb, skh, skl, svb, svh, svl, H_KV, N, NB, scale,
+def _partial_kernel(Q, K, V, INDEX, VALID, ACC, MAX, SUM, skb, skh, skl, svb, svh, svl, H_KV, N, NS, PER, scale,
                     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
-    # Program (b * h_kv + hk, j): listed slots j * BLOCK.. of batch row b against kv head hk's G queries.
-    bhk, b, hk, j, n = kv_program(H_KV, BLOCK)
-    listed = n < N
-    slot = tl.load(INDEX + b * N + n, mask=listed, other=0)
-    counts = listed & (tl.load(VALID + b * N + n, mask=listed, other=0) != 0)
-    _, m, p, head, real = group_scores(Q, K + b * skb + hk * skh, bhk, slot, counts, skl, scale, G, ROWS, D, DOT)
+    # Program (b * h_kv + hk, j): listed slots j * PER * BLOCK.. (PER blocks, online softmax) of batch
+    # row b against kv head hk's G queries.
+    bhk, b, hk, j, _ = kv_program(H_KV, BLOCK)
+    kv = K + b * skb + hk * skh
     dh = tl.arange(0, D)
-    v = tl.load(V + b * svb + hk * svh + slot[:, None] * svl + dh[None, :], mask=counts[:, None], other=0.0)
-    acc = tl.dot(p.to(v.dtype), v, input_precision=DOT)
-    out = head * NB + j
+    head = bhk * G + tl.arange(0, ROWS)
+    real = tl.arange(0, ROWS) < G
+    top = tl.full((ROWS,), float("-inf"), tl.float32)
+    total = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    for blk in range(j * PER, tl.minimum((j + 1) * PER, tl.cdiv(N, BLOCK))):
+        n = blk * BLOCK + tl.arange(0, BLOCK)
+        listed = n < N
+        slot = tl.load(INDEX + b * N + n, mask=listed, other=0)
+        counts = listed & (tl.load(VALID + b * N + n, mask=listed, other=0) != 0)
+        _, m, p, _, _ = group_scores(Q, kv, bhk, slot, counts, skl, scale, G, ROWS, D, DOT)
+        v = tl.load(V + b * svb + hk * svh + slot[:, None] * svl + dh[None, :], mask=counts[:, None], other=0.0)
+        new_top = tl.maximum(top, m)
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+        old, w = tl.math.exp(top - shift), tl.math.exp(m - shift)
+        total = total * old + tl.sum(p, 1) * w
+        acc = acc * old[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT) * w[:, None]
+        top = new_top
+    out = head * NS + j
     tl.store(ACC + out[:, None] * D + dh[None, :], acc, mask=real[:, None])
-    tl.store(MAX + out, m, mask=real)
-    tl.store(SUM + out, tl.sum(p, 1), mask=real)
+    tl.store(MAX + out, top, mask=real)
+    tl.store(SUM + out, total, mask=real)
 
 
 @triton.jit
@@ -81,17 +97,18 @@ def gathered_decode_attention(q: Tensor, keys: Tensor, values: Tensor, index: Te
         keys, values = keys.contiguous(), values.contiguous()
     n = index.shape[1]
     n_blocks = triton.cdiv(n, BLOCK)
-    partial = torch.empty(b, h, n_blocks, d, device=q.device, dtype=torch.float32)
-    part_max = torch.empty(b, h, n_blocks, device=q.device, dtype=torch.float32)
+    per = triton.cdiv(n_blocks, max(1, PROGRAMS // (b * h_kv)))
+    splits = triton.cdiv(n_blocks, per)
+    partial = torch.empty(b, h, splits, d, device=q.device, dtype=torch.float32)
+    part_max = torch.empty(b, h, splits, device=q.device, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     group = h // h_kv
-    _partial_kernel[(b * h_kv, n_blocks)](
+    _partial_kernel[(b * h_kv, splits)](
         q.contiguous(), keys, values, index.contiguous(), valid.contiguous().view(torch.uint8),
-        partial, part_max, part_sum,
-        *keys.stride()[:3], *values.stride()[:3], h_kv, n, n_blocks, scale,
+        partial, part_max, part_sum, *keys.stride()[:3], *values.stride()[:3], h_kv, n, splits, per, scale,
         G=group, ROWS=max(16, triton.next_power_of_2(group)), D=d, BLOCK=BLOCK,
         DOT="ieee" if keys.dtype == torch.float32 else "tf32",
     )
     out = torch.empty_like(q)
-    _merge_kernel[(b * h,)](partial, part_max, part_sum, out, n_blocks, D=d, MERGE=MERGE)
+    _merge_kernel[(b * h,)](partial, part_max, part_sum, out, splits, D=d, MERGE=MERGE)
     return out
