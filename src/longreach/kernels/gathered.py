@@ -28,7 +28,7 @@ def _partial_kernel(Q, K, V, INDEX, VALID, ACC, MAX, SUM, skb, skh, skl, svb, sv
                     G: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr):
     # Program (b * h_kv + hk, j): listed slots j * PER * BLOCK.. (PER blocks, online softmax) of batch
     # row b against kv head hk's G queries.
-    bhk, b, hk, j, _ = kv_program(H_KV, BLOCK)
+    bhk, b, hk, j, _block_positions = kv_program(H_KV, BLOCK)
     kv = K + b * skb + hk * skh
     dh = tl.arange(0, D)
     head = bhk * G + tl.arange(0, ROWS)
@@ -41,7 +41,7 @@ def _partial_kernel(Q, K, V, INDEX, VALID, ACC, MAX, SUM, skb, skh, skl, svb, sv
         listed = n < N
         slot = tl.load(INDEX + b * N + n, mask=listed, other=0)
         counts = listed & (tl.load(VALID + b * N + n, mask=listed, other=0) != 0)
-        _, m, p, _, _ = group_scores(Q, kv, bhk, slot, counts, skl, scale, G, ROWS, D, DOT)
+        _logits, m, p, _heads, _rows = group_scores(Q, kv, bhk, slot, counts, skl, scale, G, ROWS, D, DOT)
         v = tl.load(V + b * svb + hk * svh + slot[:, None] * svl + dh[None, :], mask=counts[:, None], other=0.0)
         new_top = tl.maximum(top, m)
         shift = tl.where(new_top == float("-inf"), 0.0, new_top)
