@@ -35,12 +35,13 @@ from longreach.train.data import token_stream
 # for the extension factor. select_merge keeps its sparse attention: its merged positions span at
 # most (sink + top_k + local + 1) blocks, so the factor that covers them is that span over the
 # trained length (2 for the defaults); it also runs with a wider selection (top_k 32, which the
-# tuned factors cover) and densely, as s2 does (a training-time device, LongLoRA infers densely).
+# tuned factors cover), densely, as s2 does (a training-time device, LongLoRA infers densely), and
+# under dca, whose positions stay inside the trained window (no rescaling).
 _DEFAULTS = {k: v.default for k, v in inspect.signature(select_merge).parameters.items()}
 MERGED_SPAN = (_DEFAULTS["sink"] + _DEFAULTS["top_k"] + _DEFAULTS["local"] + 1) * _DEFAULTS["block_size"]
 INFERENCE = {
-    "select_merge": [("select_merge+ntk", math.ceil(MERGED_SPAN / TRAIN_LENGTH), {}), ("select_merge+ntk", None, {}),
-                     ("select_merge+ntk", None, {"top_k": 32}), ("ntk", None, {})],
+    "select_merge": [("dca", 1, {}), ("select_merge+ntk", math.ceil(MERGED_SPAN / TRAIN_LENGTH), {}),
+                     ("select_merge+ntk", None, {}), ("select_merge+ntk", None, {"top_k": 32}), ("ntk", None, {})],
     "s2": [("ntk", None, {})],
     "dca": [("dca", 1, {})],
 }
@@ -96,7 +97,7 @@ def summary(records: dict, lengths: list[int]) -> dict:
 
 
 def write(result: dict, args: argparse.Namespace) -> None:
-    """Results so far: a run cut short by the device's time limit keeps the methods it finished."""
+    """Results so far: a run cut short by the device's time limit keeps the evaluations it finished."""
     result["summary"] = summary(result["records"], args.eval_lengths)
     (args.out / "extend_reference.json").write_text(json.dumps(result, indent=1) + "\n")
     for kind in ("passkey", "perplexity"):
@@ -148,10 +149,10 @@ def main() -> None:
                 for kind in found:
                     result["records"][kind] += found[kind]
                 print(json.dumps(summary(found, args.eval_lengths)), flush=True)
+                result["seconds"] = time.time() - started
+                write(result, args)
         del tuned
         torch.cuda.empty_cache()
-        result["seconds"] = time.time() - started
-        write(result, args)
     print(json.dumps(result["summary"], indent=1))
 
 
