@@ -13,6 +13,7 @@ from longreach.cli import main
 from longreach.decode import GraphDecoder, prefill
 from longreach.evals import passkey
 from longreach.models import tiny_model
+from longreach.positions import default
 from longreach.reference_model import load_reference_model
 
 POLICIES = [("sinks", {}), ("h2o", {}), ("token_select", {"n_init": 2, "n_local": 4})]
@@ -121,6 +122,24 @@ def test_token_select_picks_brute_force_top_k_of_soft_votes():
         torch.testing.assert_close(out[row, :, 0], expected)
 
 
+def test_token_select_kernels_score_like_the_reference(monkeypatch):
+    """The eager layer's kernel path (one rotary pass over the keys, the fused votes) picks the
+    reference's tokens and gives its output, with rotary positions."""
+    from longreach.cache import layers
+
+    rope = default(32, 10000.0)
+    k, v, q = torch.randn(2, 2, 90, 32), torch.randn(2, 2, 90, 32), torch.randn(2, 4, 1, 32)
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(layers, "decode_kernels", lambda keys, fused=fused: fused)
+        layer = TokenSelectLayer(top_k=9, n_init=2, n_local=6, threshold=2.0)
+        layer.update(k[:, :, :89], v[:, :, :89])
+        results.append((_step(layer, q, k[:, :, 89:], v[:, :, 89:], rope), layer.picked))
+    (ref, ref_picked), (out, picked) = results
+    assert torch.equal(picked, ref_picked)
+    torch.testing.assert_close(out, ref)
+
+
 def test_token_select_reuses_selection_only_while_fingerprints_agree():
     layer = TokenSelectLayer(top_k=4, n_init=1, n_local=2, threshold=0.9)
     layer.update(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))
@@ -190,7 +209,7 @@ def test_static_cache_decodes_like_the_full_cache(arch, policy, options):
 def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
     from longreach.cache import static
 
-    monkeypatch.setattr(static, "use_kernels", lambda keys: fused)
+    monkeypatch.setattr(static, "decode_kernels", lambda keys: fused)
     n_init, n_local, top_k, d = 2, 3, 5, 32
     layer = StaticPolicyLayer(32, "token_select", top_k=top_k, n_init=n_init, n_local=n_local)
     k, v = torch.randn(1, 2, 20, d), torch.randn(1, 2, 20, d)
@@ -208,7 +227,7 @@ def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
 def test_static_full_attends_to_every_stored_token(fused, monkeypatch):
     from longreach.cache import static
 
-    monkeypatch.setattr(static, "use_kernels", lambda keys: fused)
+    monkeypatch.setattr(static, "decode_kernels", lambda keys: fused)
     d = 32
     layer = StaticPolicyLayer(200, "full")
     k, v = torch.randn(2, 2, 150, d), torch.randn(2, 2, 150, d)

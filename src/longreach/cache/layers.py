@@ -16,8 +16,13 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..attention import Positions
+from ..kernels import HAS_TRITON, decode_kernels
 from ..positions import Rope
 from . import select
+
+if HAS_TRITON:
+    from ..kernels.rotary import rotate_frames
+    from ..kernels.votes import soft_votes as soft_votes_kernel
 
 # The configured attention method over (q, k, v, positions): the prompt's own pass goes through it.
 Full = Callable[[Tensor, Tensor, Tensor, Positions], Tensor]
@@ -101,7 +106,10 @@ class TokenSelectLayer(PolicyLayer):
         if length <= self.n_init + self.top_k + self.n_local or q_len == length or q_len > self.n_local:
             return full(q, self.keys, self.values, where)
         scored_q, scored_k = q, self.keys
-        if rope is not None:
+        if rope is not None and decode_kernels(self.keys):
+            scored_q = rope.rotate(q, where.query[:, None])
+            scored_k = rotate_frames(self.keys, rope, [where.key.expand(len(q), -1)])[0]
+        elif rope is not None:
             scored_q, scored_k = rope.rotate(q, where.query[:, None]), rope.rotate(self.keys, where.key[:, None])
         index = select.attended(self.choose(scored_q, scored_k, scale), length, self.n_init, self.n_local)
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
@@ -117,7 +125,10 @@ class TokenSelectLayer(PolicyLayer):
         if similar:
             self.reuses += 1
             return self.picked
-        votes = select.soft_votes(q, keys, scale)
+        if decode_kernels(keys):
+            votes = soft_votes_kernel(q, keys, scale, torch.tensor(keys.shape[2], device=keys.device))
+        else:
+            votes = select.soft_votes(q, keys, scale)
         self.fingerprint, self.picked = fingerprint, select.top_tokens(votes, self.n_init, self.n_local, self.top_k)
         return self.picked
 

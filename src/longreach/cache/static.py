@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers.cache_utils import StaticLayer
 
 from ..attention import Positions
-from ..kernels import HAS_TRITON, HEAD_DIMS
+from ..kernels import HAS_TRITON, decode_kernels
 from ..positions import Rope
 from . import select
 from .layers import Full, PolicyCache, _gather
@@ -26,12 +26,6 @@ if HAS_TRITON:
     from ..kernels.votes import soft_votes as soft_votes_kernel
 
 STATIC_POLICIES = ("full", "token_select")
-
-
-def use_kernels(keys: Tensor) -> bool:
-    """Whether the attention (and token_select's votes) take the Triton kernels (CUDA keys of a head
-    size they cover)."""
-    return HAS_TRITON and keys.is_cuda and keys.shape[-1] in HEAD_DIMS
 
 
 class StaticPolicyLayer(StaticLayer):
@@ -60,7 +54,7 @@ class StaticPolicyLayer(StaticLayer):
             index, valid = slots.expand(len(q), -1), (slots < self.cumulative_length).expand(len(q), -1)
         else:
             index, valid = self.selection(q, scale, slots)
-        if use_kernels(self.keys):
+        if decode_kernels(self.keys):
             return gathered_decode_attention(q, self.keys, self.values, index, valid, scale)
         if self.policy == "full":
             return select.decode_attention(q, self.keys, self.values, valid, scale)
@@ -70,7 +64,7 @@ class StaticPolicyLayer(StaticLayer):
     def selection(self, q: Tensor, scale: float, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Attended slots (b, n_init + top_k + n_local), unordered, and whether each holds a token that counts."""
         length = self.cumulative_length
-        if use_kernels(self.keys):
+        if decode_kernels(self.keys):
             votes = soft_votes_kernel(q, self.keys, scale, length)
         else:
             votes = select.soft_votes(q, self.keys, scale, slots < length)

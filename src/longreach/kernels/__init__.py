@@ -33,6 +33,13 @@ def use_kernel(q: Tensor, positions: Positions, block_size: int) -> bool:
             and os.environ.get("LONGREACH_REFERENCE") != "1")
 
 
+def decode_kernels(keys: Tensor) -> bool:
+    """Whether the decode kernels (token_select's votes, attention over cache slots, the rotary pass)
+    take a cache's keys: CUDA, a head size they cover, unless LONGREACH_REFERENCE=1."""
+    return (HAS_TRITON and keys.is_cuda and keys.shape[-1] in HEAD_DIMS
+            and os.environ.get("LONGREACH_REFERENCE") != "1")
+
+
 # Frame rules of :func:`framed_attention`: which position map scores each (query, key) pair.
 DCA, SELF_EXTEND, SINKS = 1, 2, 3
 
