@@ -16,6 +16,9 @@ from longreach.models import tiny_model
 from longreach.positions import default
 from longreach.reference_model import load_reference_model
 
+# The kernel-path tests put their tensors where the kernels run: the GPU if there is one, else the
+# CPU through Triton's interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 POLICIES = [("sinks", {}), ("h2o", {}), ("token_select", {"n_init": 2, "n_local": 4})]
 
 
@@ -47,7 +50,8 @@ def _step(layer, q, k, v, rope=None):
     """One attention step of a policy layer: append k/v, attend with positions along the cache."""
     layer.update(k, v)
     length, q_len = layer.keys.shape[2], q.shape[2]
-    where = Positions(torch.arange(length - q_len, length)[None], torch.arange(length)[None], None)
+    positions = torch.arange(length, device=k.device)[None]
+    where = Positions(positions[:, length - q_len :], positions, None)
 
     def full(q_, k_, v_, positions):
         return dense(q_, k_, v_, positions=positions, rope=rope, scale=q.shape[-1] ** -0.5)
@@ -128,7 +132,7 @@ def test_token_select_kernels_score_like_the_reference(monkeypatch):
     from longreach.cache import layers
 
     rope = default(32, 10000.0)
-    k, v, q = torch.randn(2, 2, 90, 32), torch.randn(2, 2, 90, 32), torch.randn(2, 4, 1, 32)
+    k, v, q = (torch.randn(*shape).to(DEVICE) for shape in ((2, 2, 90, 32), (2, 2, 90, 32), (2, 4, 1, 32)))
     results = []
     for fused in (False, True):
         monkeypatch.setattr(layers, "decode_kernels", lambda keys, fused=fused: fused)
@@ -213,9 +217,9 @@ def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
     n_init, n_local, top_k, d = 2, 3, 5, 32
     layer = StaticPolicyLayer(32, "token_select", top_k=top_k, n_init=n_init, n_local=n_local)
     k, v = torch.randn(1, 2, 20, d), torch.randn(1, 2, 20, d)
-    layer.update(k, v)
+    layer.update(k.to(DEVICE), v.to(DEVICE))
     q = torch.randn(1, 4, 1, d)
-    out = layer.attend(q, Positions(torch.tensor([[19]]), None, None), None, d**-0.5, None)
+    out = layer.attend(q.to(DEVICE), Positions(torch.tensor([[19]]), None, None), None, d**-0.5, None).cpu()
     votes = _brute_votes(q, k, d**-0.5)
     picked = sorted(votes[0, n_init : 20 - n_local].topk(top_k).indices.add(n_init).tolist())
     index = torch.tensor(list(range(n_init)) + picked + list(range(20 - n_local, 20)))
@@ -231,9 +235,9 @@ def test_static_full_attends_to_every_stored_token(fused, monkeypatch):
     d = 32
     layer = StaticPolicyLayer(200, "full")
     k, v = torch.randn(2, 2, 150, d), torch.randn(2, 2, 150, d)
-    layer.update(k, v)
+    layer.update(k.to(DEVICE), v.to(DEVICE))
     q = torch.randn(2, 4, 1, d)
-    out = layer.attend(q, Positions(torch.tensor([[149], [149]]), None, None), None, d**-0.5, None)
+    out = layer.attend(q.to(DEVICE), Positions(torch.tensor([[149], [149]]), None, None), None, d**-0.5, None).cpu()
     probs = torch.softmax(torch.einsum("bhd,bhld->bhl", q[:, :, 0], k.repeat_interleave(2, 1)) * d**-0.5, -1)
     torch.testing.assert_close(out[:, :, 0], torch.einsum("bhl,bhld->bhd", probs, v.repeat_interleave(2, 1)))
 
