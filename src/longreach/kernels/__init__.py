@@ -1,7 +1,8 @@
-"""Triton kernels; each is a drop-in for a reference in :mod:`longreach.attention` and tested against it.
+"""Triton kernels; each is a drop-in for a reference in :mod:`longreach.attention` or
+:mod:`longreach.cache` and tested against it.
 
-Methods take the kernel path on CUDA tensors when Triton is importable; elsewhere they keep their
-PyTorch reference (CI runs the kernels on the CPU through TRITON_INTERPRET=1).
+Methods and cache policies take the kernel path on CUDA tensors when Triton is importable; elsewhere
+they keep their PyTorch reference (CI runs the kernels on the CPU through TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
