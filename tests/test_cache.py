@@ -211,9 +211,10 @@ def test_static_cache_decodes_like_the_full_cache(arch, policy, options):
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
 def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
-    from longreach.cache import static
+    from longreach.cache import layers, static
 
-    monkeypatch.setattr(static, "decode_kernels", lambda keys: fused)
+    for module in (layers, static):
+        monkeypatch.setattr(module, "decode_kernels", lambda keys: fused)
     n_init, n_local, top_k, d = 2, 3, 5, 32
     layer = StaticPolicyLayer(32, "token_select", top_k=top_k, n_init=n_init, n_local=n_local)
     k, v = torch.randn(1, 2, 20, d), torch.randn(1, 2, 20, d)

@@ -28,6 +28,16 @@ if HAS_TRITON:
 Full = Callable[[Tensor, Tensor, Tensor, Positions], Tensor]
 
 
+def soft_votes(q: Tensor, keys: Tensor, scale: float, length: Tensor | None = None) -> Tensor:
+    """:func:`select.soft_votes` over the first ``length`` keys (a 0-d tensor on the keys' device;
+    all of them if None), in the fused Triton pass where it covers the keys."""
+    if decode_kernels(keys):
+        stored = torch.tensor(keys.shape[2], device=keys.device) if length is None else length
+        return soft_votes_kernel(q, keys, scale, stored)
+    mask = None if length is None else torch.arange(keys.shape[2], device=keys.device) < length
+    return select.soft_votes(q, keys, scale, mask)
+
+
 def _gather(x: Tensor, index: Tensor) -> Tensor:
     """Rows ``index`` (b, h or 1, n) of x (b, h, L, d) along L."""
     index = index.expand(x.shape[0], x.shape[1], -1)
@@ -106,11 +116,12 @@ class TokenSelectLayer(PolicyLayer):
         if length <= self.n_init + self.top_k + self.n_local or q_len == length or q_len > self.n_local:
             return full(q, self.keys, self.values, where)
         scored_q, scored_k = q, self.keys
-        if rope is not None and decode_kernels(self.keys):
+        if rope is not None:
             scored_q = rope.rotate(q, where.query[:, None])
-            scored_k = rotate_frames(self.keys, rope, [where.key.expand(len(q), -1)])[0]
-        elif rope is not None:
-            scored_q, scored_k = rope.rotate(q, where.query[:, None]), rope.rotate(self.keys, where.key[:, None])
+            if decode_kernels(self.keys):
+                scored_k = rotate_frames(self.keys, rope, [where.key.expand(len(q), -1)])[0]
+            else:
+                scored_k = rope.rotate(self.keys, where.key[:, None])
         index = select.attended(self.choose(scored_q, scored_k, scale), length, self.n_init, self.n_local)
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
         return full(q, keys, values, Positions(where.query, where.key.expand(len(index), -1).gather(1, index), None))
@@ -125,10 +136,7 @@ class TokenSelectLayer(PolicyLayer):
         if similar:
             self.reuses += 1
             return self.picked
-        if decode_kernels(keys):
-            votes = soft_votes_kernel(q, keys, scale, torch.tensor(keys.shape[2], device=keys.device))
-        else:
-            votes = select.soft_votes(q, keys, scale)
+        votes = soft_votes(q, keys, scale)
         self.fingerprint, self.picked = fingerprint, select.top_tokens(votes, self.n_init, self.n_local, self.top_k)
         return self.picked
 

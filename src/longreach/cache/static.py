@@ -19,11 +19,10 @@ from ..attention import Positions
 from ..kernels import HAS_TRITON, decode_kernels
 from ..positions import Rope
 from . import select
-from .layers import Full, PolicyCache, _gather
+from .layers import Full, PolicyCache, _gather, soft_votes
 
 if HAS_TRITON:
     from ..kernels.gathered import gathered_decode_attention
-    from ..kernels.votes import soft_votes as soft_votes_kernel
 
 STATIC_POLICIES = ("full", "token_select")
 
@@ -64,10 +63,7 @@ class StaticPolicyLayer(StaticLayer):
     def selection(self, q: Tensor, scale: float, slots: Tensor) -> tuple[Tensor, Tensor]:
         """Attended slots (b, n_init + top_k + n_local), unordered, and whether each holds a token that counts."""
         length = self.cumulative_length
-        if decode_kernels(self.keys):
-            votes = soft_votes_kernel(q, self.keys, scale, length)
-        else:
-            votes = select.soft_votes(q, self.keys, scale, slots < length)
+        votes = soft_votes(q, self.keys, scale, length)
         candidate = (slots >= self.n_init) & (slots < length - self.n_local)
         picked = votes.masked_fill(~candidate, float("-inf")).topk(self.top_k, dim=-1, sorted=False).indices
         init = slots[: self.n_init].expand(len(q), -1)
