@@ -144,19 +144,89 @@ def test_token_select_kernels_score_like_the_reference(monkeypatch):
     torch.testing.assert_close(out, ref)
 
 
-def test_token_select_reuses_selection_only_while_fingerprints_agree():
-    layer = TokenSelectLayer(top_k=4, n_init=1, n_local=2, threshold=0.9)
-    layer.update(torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8))
-    q = torch.randn(1, 2, 1, 8)
-    first = layer.choose(q, layer.keys, 1.0)
-    close = q + 0.01 * torch.randn_like(q)
-    assert select.cosine(close.mean(2), q.mean(2)).item() >= 0.9
-    assert layer.choose(close, layer.keys, 1.0) is first and layer.reuses == 1
-    far = -q
-    fresh = layer.choose(far, layer.keys, 1.0)
+def _reuse_scene(d):
+    """A cache of 42 tokens; query q (b, 4, 1, d) and ``close`` to it (cosine 0.96). Slot 38 (in the
+    last n_local=2 when q votes at length 40) answers q; slot 10 answers only what ``close`` adds."""
+    k, v, q = torch.randn(1, 2, 42, d), torch.randn(1, 2, 42, d), torch.randn(1, 4, 1, d)
+    group = q[0, :, 0].view(2, 2, d)
+    basis = torch.linalg.qr(group.transpose(1, 2)).Q  # per kv head, its two queries' span
+    turn = torch.randn(2, d, 1)
+    turn = (turn - basis @ (basis.transpose(1, 2) @ turn))[..., 0]  # orthogonal to both queries
+    turn *= 0.3 * group.norm(dim=-1).amin(-1, keepdim=True) / turn.norm(dim=-1, keepdim=True)
+    k[0, :, 38], k[0, :, 10] = 4 * q[0, ::2, 0], 40 * turn
+    return k, v, q, q + turn.repeat_interleave(2, 0)[None, :, None]
+
+
+def _top(votes, n_init, n_local, top_k, length):
+    return sorted(votes[0, n_init : length - n_local].topk(top_k).indices.add(n_init).tolist())
+
+
+def _check_scene(k, q, close, d):
+    """What reuse must give at length 41 (the votes of q, 38 among them) differs from a fresh vote."""
+    assert select.similar(close.mean(2), q.mean(2), 0.95).item()
+    stale = torch.cat([_brute_votes(q, k[:, :, :40], d**-0.5), torch.zeros(1, 1)], dim=1)
+    reused = _top(stale, 1, 2, 4, 41)
+    assert 38 in reused and 10 not in reused and 10 in _top(_brute_votes(close, k[:, :, :41], d**-0.5), 1, 2, 4, 41)
+    return stale
+
+
+def test_token_select_reuses_votes_only_while_fingerprints_agree():
+    """A query close to the one that voted reuses its votes without scoring; the top-k is re-taken
+    among the step's candidates (slot 38 competes once it leaves the window; new tokens vote 0); a far
+    query votes afresh."""
+    n_init, n_local, top_k, d = 1, 2, 4, 8
+    k, v, q, close = _reuse_scene(d)
+    stale = _check_scene(k, q, close, d)
+    layer = TokenSelectLayer(top_k, n_init, n_local, threshold=0.9)
+    layer.update(k[:, :, :39], v[:, :, :39])
+    _step(layer, q, k[:, :, 39:40], v[:, :, 39:40])
+    assert layer.picked[0].tolist() == _top(stale, n_init, n_local, top_k, 40) and layer.reuses == 0
+    _step(layer, close, k[:, :, 40:41], v[:, :, 40:41])
+    assert layer.reuses == 1 and layer.picked[0].tolist() == _top(stale, n_init, n_local, top_k, 41)
+    _step(layer, -q, k[:, :, 41:], v[:, :, 41:])
     assert layer.reuses == 1 and layer.selections == 3
-    votes = _brute_votes(far, layer.keys, 1.0)
-    assert fresh[0].tolist() == sorted(votes[0, 1:38].topk(4).indices.add(1).tolist())
+    assert layer.picked[0].tolist() == _top(_brute_votes(-q, k, d**-0.5), n_init, n_local, top_k, 42)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
+def test_static_token_select_reuses_votes_only_while_fingerprints_agree(fused, monkeypatch):
+    """The static layer decides the selection cache on the device, with the eager layer's rule."""
+    from longreach.cache import layers, static
+
+    for module in (layers, static):
+        monkeypatch.setattr(module, "decode_kernels", lambda keys: fused)
+    monkeypatch.setattr(layers, "enabled", lambda x: fused)
+    n_init, n_local, top_k, d = 1, 2, 4, 32
+    k, v, q, close = _reuse_scene(d)
+    stale = _check_scene(k, q, close, d)
+    layer = StaticPolicyLayer(48, "token_select", top_k=top_k, n_init=n_init, n_local=n_local, threshold=0.9)
+    layer.update(k[:, :, :39].to(DEVICE), v[:, :, :39].to(DEVICE))
+    for query, length, votes, reuses in [(q, 40, stale, 0), (close, 41, stale, 1),
+                                         (-q, 42, _brute_votes(-q, k, d**-0.5), 1)]:
+        layer.update(k[:, :, length - 1 : length].to(DEVICE), v[:, :, length - 1 : length].to(DEVICE))
+        where = Positions(torch.tensor([[length - 1]]), None, None)
+        out = layer.attend(query.to(DEVICE), where, None, d**-0.5, None).cpu()
+        picked = _top(votes, n_init, n_local, top_k, length)
+        index = torch.tensor(list(range(n_init)) + picked + list(range(length - n_local, length)))
+        torch.testing.assert_close(out[0, :, 0], _attention_over(query, k, v, index))
+        assert (layer.selections, layer.reuses) == (length - 39, reuses)
+
+
+def test_recall_kernel_matches_similar():
+    """The selection-cache kernel: flags as select.similar (zero stored rows never reuse), fresh rows
+    store their fingerprint, and the counts gather (rows, reusing rows)."""
+    from longreach.kernels.votes import recall
+
+    stored = torch.randn(5, 1500)
+    fingerprint = torch.cat([stored[:2] + 0.01 * torch.randn(2, 1500), torch.randn(3, 1500)]).bfloat16()
+    stored[4] = 0
+    expected = select.similar(fingerprint, stored, 0.9)
+    assert expected.tolist() == [True, True, False, False, False]
+    buffer, counts = stored.clone().to(DEVICE), torch.tensor([3, 1]).to(DEVICE)
+    reuse = recall(fingerprint.to(DEVICE), buffer, 0.9, counts).cpu()
+    assert reuse.bool().tolist() == expected.tolist()
+    torch.testing.assert_close(buffer.cpu(), torch.where(expected[:, None], stored, fingerprint.float()))
+    assert counts.tolist() == [8, 3]
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -209,6 +279,14 @@ def test_static_cache_decodes_like_the_full_cache(arch, policy, options):
     assert torch.equal(torch.cat([ids, *tokens], dim=1), full)
 
 
+def _attention_over(q, k, v, index):
+    """Batch row 0's decode attention (h, d) of q (1, h, 1, d) over the cache slots ``index``, kv heads
+    shared by pairs of query heads."""
+    keys, values = (x[0, :, index].repeat_interleave(2, 0) for x in (k, v))
+    probs = torch.softmax(torch.einsum("hd,hld->hl", q[0, :, 0], keys) * q.shape[-1] ** -0.5, -1)
+    return torch.einsum("hl,hld->hd", probs, values)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
 def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
     from longreach.cache import layers, static
@@ -224,8 +302,7 @@ def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
     votes = _brute_votes(q, k, d**-0.5)
     picked = sorted(votes[0, n_init : 20 - n_local].topk(top_k).indices.add(n_init).tolist())
     index = torch.tensor(list(range(n_init)) + picked + list(range(20 - n_local, 20)))
-    probs = torch.softmax(torch.einsum("hd,hld->hl", q[0, :, 0], k[0, :, index].repeat_interleave(2, 0)) * d**-0.5, -1)
-    torch.testing.assert_close(out[0, :, 0], torch.einsum("hl,hld->hd", probs, v[0, :, index].repeat_interleave(2, 0)))
+    torch.testing.assert_close(out[0, :, 0], _attention_over(q, k, v, index))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])

@@ -65,9 +65,13 @@ def attended(picked: Tensor, length: int, n_init: int, n_local: int) -> Tensor:
     return torch.cat([init, picked, local], dim=-1)
 
 
-def cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine similarity per batch row of two fingerprints (b, ...): (b,)."""
-    return torch.nn.functional.cosine_similarity(a.flatten(1).float(), b.flatten(1).float(), dim=-1)
+def similar(fingerprint: Tensor, stored: Tensor, threshold: float) -> Tensor:
+    """TokenSelect's selection-cache test per batch row, (b,) bool: the cosine similarity of a query
+    fingerprint (b, ...) and the ``stored`` one (b, ...) that made the last selection is at least
+    ``threshold``. A zero ``stored`` row means no selection yet: False there."""
+    a, s = fingerprint.flatten(1).float(), stored.flatten(1).float()
+    dot, norms = (a * s).sum(-1), a.square().sum(-1) * s.square().sum(-1)
+    return (s.abs().amax(-1) > 0) & (dot >= threshold * norms.sqrt())
 
 
 def attention_with_mass(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, rope: Rope | None,

@@ -6,7 +6,10 @@ written) and a step reads each key once. On CUDA the attention reads the attende
 (:mod:`longreach.kernels.gathered`). ``full`` attends to every stored token; ``token_select``
 scores every stored token against the step's query (on CUDA in one Triton pass over the keys,
 :mod:`longreach.kernels.votes`) and attends to the first ``n_init``, the ``top_k`` most voted and
-the last ``n_local``. The selection is made afresh at every step: reusing it would need a branch inside the graph.
+the last ``n_local``. Its selection cache is decided on the device: a batch row whose un-rotated query
+is within ``threshold`` cosine similarity of the one that last voted keeps its votes, and the vote
+kernels skip it (no branch in the graph); the top-k is re-taken from the kept votes, as in
+:class:`longreach.cache.layers.TokenSelectLayer`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from ..attention import Positions
 from ..kernels import HAS_TRITON, decode_kernels
 from ..positions import Rope
 from . import select
-from .layers import Full, PolicyCache, _gather, soft_votes
+from .layers import Full, PolicyCache, _gather, recall, soft_votes
 
 if HAS_TRITON:
     from ..kernels.gathered import gathered_decode_attention
@@ -30,20 +33,44 @@ STATIC_POLICIES = ("full", "token_select")
 class StaticPolicyLayer(StaticLayer):
     """transformers' static layer (in-place writes at a device-side length) plus a policy's attention."""
 
-    def __init__(self, max_cache_len: int, policy: str, top_k: int = 0, n_init: int = 0, n_local: int = 1):
+    def __init__(self, max_cache_len: int, policy: str, top_k: int = 0, n_init: int = 0, n_local: int = 1,
+                 threshold: float = 0.9):
         super().__init__(max_cache_len)
         self.policy, self.top_k, self.n_init, self.n_local = policy, top_k, n_init, n_local
+        self.threshold = threshold
+        # token_select's selection cache, allocated at the first step: the last votes (b, max_cache_len),
+        # the fingerprint that cast them (b, h * d; zero: none yet) and (rows tested, rows reusing).
+        self.votes = self.fingerprint = self.counts = None
+
+    @property
+    def selections(self) -> int:
+        return 0 if self.counts is None else int(self.counts[0])
+
+    @property
+    def reuses(self) -> int:
+        return 0 if self.counts is None else int(self.counts[1])
 
     def fill(self, keys: Tensor, values: Tensor, rope: Rope | None) -> None:
         """Store a prompt's un-rotated keys (b, h_kv, n, d) and values after the stored ones."""
         start = self.cumulative_length if self.is_initialized else 0
         positions = torch.arange(keys.shape[2], device=keys.device) + start
         self.update(keys if rope is None else rope.rotate(keys, positions), values)
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the stored selection: the next step votes afresh."""
+        if self.fingerprint is not None:
+            self.fingerprint.zero_()
+
+    def reset(self) -> None:
+        self.forget()
+        super().reset()
 
     def attend(self, q: Tensor, where: Positions, rope: Rope | None, scale: float, full: Full) -> Tensor:
         if q.shape[2] != 1:
             raise ValueError(f"static cache: decode one token per step (got {q.shape[2]}); fill the prompt first")
         slot = (self.cumulative_length - 1).view(1)
+        fingerprint = q.flatten(1)
         if rope is not None:
             # update() wrote the step's key un-rotated: rotate it in place at its position (its slot).
             self.keys.index_copy_(2, slot, rope.rotate(self.keys.index_select(2, slot), slot))
@@ -52,7 +79,7 @@ class StaticPolicyLayer(StaticLayer):
         if self.policy == "full":
             index, valid = slots.expand(len(q), -1), (slots < self.cumulative_length).expand(len(q), -1)
         else:
-            index, valid = self.selection(q, scale, slots)
+            index, valid = self.selection(fingerprint, q, scale, slots)
         if decode_kernels(self.keys):
             return gathered_decode_attention(q, self.keys, self.values, index, valid, scale)
         if self.policy == "full":
@@ -60,10 +87,16 @@ class StaticPolicyLayer(StaticLayer):
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
         return select.decode_attention(q, keys, values, valid, scale)
 
-    def selection(self, q: Tensor, scale: float, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """Attended slots (b, n_init + top_k + n_local), unordered, and whether each holds a token that counts."""
+    def selection(self, fingerprint: Tensor, q: Tensor, scale: float, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Attended slots (b, n_init + top_k + n_local), unordered, and whether each holds a token that
+        counts, for the rotated query q (b, h, 1, d) whose un-rotated form is ``fingerprint`` (b, h * d)."""
         length = self.cumulative_length
-        votes = soft_votes(q, self.keys, scale, length)
+        if self.votes is None:
+            self.votes = q.new_zeros(len(q), self.max_cache_len, dtype=torch.float32)
+            self.fingerprint = q.new_zeros(fingerprint.shape, dtype=torch.float32)
+            self.counts = torch.zeros(2, device=q.device, dtype=torch.long)
+        reuse = recall(fingerprint, self.fingerprint, self.threshold, self.counts)
+        votes = soft_votes(q, self.keys, scale, length, out=self.votes, skip=reuse)
         candidate = (slots >= self.n_init) & (slots < length - self.n_local)
         picked = votes.masked_fill(~candidate, float("-inf")).topk(self.top_k, dim=-1, sorted=False).indices
         init = slots[: self.n_init].expand(len(q), -1)
@@ -74,12 +107,14 @@ class StaticPolicyLayer(StaticLayer):
 
 
 def make_static_cache(policy: str, num_layers: int, max_cache_len: int, **options) -> PolicyCache:
-    """A static cache of ``policy`` ("full" or "token_select" with top_k, n_init, n_local)."""
+    """A static cache of ``policy`` ("full" or "token_select" with top_k, n_init, n_local, threshold=0.9)."""
     if policy not in STATIC_POLICIES:
         raise ValueError(f"static cache policy must be one of {STATIC_POLICIES}, got {policy!r}")
     if policy == "token_select":
         if options.get("top_k", 0) < 1 or options.get("n_local", 0) < 1 or options.get("n_init", 0) < 0:
             raise ValueError(f"token_select needs top_k >= 1, n_local >= 1, n_init >= 0, got {options}")
+        if not -1.0 <= options.get("threshold", 0.9) <= 1.0:
+            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {options['threshold']}")
         if sum(options[k] for k in ("top_k", "n_init", "n_local")) > max_cache_len:
             raise ValueError(f"top_k + n_init + n_local must not exceed max_cache_len {max_cache_len}")
     return PolicyCache([StaticPolicyLayer(max_cache_len, policy, **options) for _ in range(num_layers)], policy)

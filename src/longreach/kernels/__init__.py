@@ -27,7 +27,7 @@ def supports(q: Tensor, block_size: int) -> bool:
     return q.shape[-1] in HEAD_DIMS and block_size in BLOCK_SIZES and q.dtype in dtypes
 
 
-def _enabled(x: Tensor) -> bool:
+def enabled(x: Tensor) -> bool:
     """Triton importable, x on CUDA, and LONGREACH_REFERENCE=1 not asking for the references."""
     return HAS_TRITON and x.is_cuda and os.environ.get("LONGREACH_REFERENCE") != "1"
 
@@ -35,13 +35,13 @@ def _enabled(x: Tensor) -> bool:
 def use_kernel(q: Tensor, positions: Positions, block_size: int) -> bool:
     """Kernel path for CUDA tensors the kernel covers, without key padding (the kernel has no key
     mask), unless LONGREACH_REFERENCE=1 asks for the reference."""
-    return _enabled(q) and positions.key_mask is None and supports(q, block_size)
+    return enabled(q) and positions.key_mask is None and supports(q, block_size)
 
 
 def decode_kernels(keys: Tensor) -> bool:
     """Whether the decode kernels (token_select's votes, attention over cache slots, the rotary pass)
     take a cache's keys: CUDA, a head size they cover, unless LONGREACH_REFERENCE=1."""
-    return _enabled(keys) and keys.shape[-1] in HEAD_DIMS
+    return enabled(keys) and keys.shape[-1] in HEAD_DIMS
 
 
 # Frame rules of :func:`framed_attention`: which position map scores each (query, key) pair.
