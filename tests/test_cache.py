@@ -162,34 +162,33 @@ def _top(votes, n_init, n_local, top_k, length):
 
 
 def _check_scene(k, q, close, d):
-    """What reuse must give at length 41 (the votes of q, 38 among them) differs from a fresh vote."""
+    """The top-k that q picks at length 40, which a reusing step at 41 keeps: not slot 38 (still local
+    at the vote), and not slot 10, which a fresh vote of ``close`` would pick."""
     assert select.similar(close.mean(2), q.mean(2), 0.95).item()
-    stale = torch.cat([_brute_votes(q, k[:, :, :40], d**-0.5), torch.zeros(1, 1)], dim=1)
-    reused = _top(stale, 1, 2, 4, 41)
-    assert 38 in reused and 10 not in reused and 10 in _top(_brute_votes(close, k[:, :, :41], d**-0.5), 1, 2, 4, 41)
-    return stale
+    picked = _top(_brute_votes(q, k[:, :, :40], d**-0.5), 1, 2, 4, 40)
+    assert 38 not in picked and 10 not in picked
+    assert 10 in _top(_brute_votes(close, k[:, :, :41], d**-0.5), 1, 2, 4, 41)
+    return picked
 
 
-def test_token_select_reuses_votes_only_while_fingerprints_agree():
-    """A query close to the one that voted reuses its votes without scoring; the top-k is re-taken
-    among the step's candidates (slot 38 competes once it leaves the window; new tokens vote 0); a far
-    query votes afresh."""
+def test_token_select_reuses_selection_only_while_fingerprints_agree():
+    """A query close to the one that chose the top-k reuses it without scoring; a far one votes afresh."""
     n_init, n_local, top_k, d = 1, 2, 4, 8
     k, v, q, close = _reuse_scene(d)
-    stale = _check_scene(k, q, close, d)
+    first = _check_scene(k, q, close, d)
     layer = TokenSelectLayer(top_k, n_init, n_local, threshold=0.9)
     layer.update(k[:, :, :39], v[:, :, :39])
     _step(layer, q, k[:, :, 39:40], v[:, :, 39:40])
-    assert layer.picked[0].tolist() == _top(stale, n_init, n_local, top_k, 40) and layer.reuses == 0
+    assert layer.picked[0].tolist() == first and layer.reuses == 0
     _step(layer, close, k[:, :, 40:41], v[:, :, 40:41])
-    assert layer.reuses == 1 and layer.picked[0].tolist() == _top(stale, n_init, n_local, top_k, 41)
+    assert layer.reuses == 1 and layer.picked[0].tolist() == first
     _step(layer, -q, k[:, :, 41:], v[:, :, 41:])
     assert layer.reuses == 1 and layer.selections == 3
     assert layer.picked[0].tolist() == _top(_brute_votes(-q, k, d**-0.5), n_init, n_local, top_k, 42)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
-def test_static_token_select_reuses_votes_only_while_fingerprints_agree(fused, monkeypatch):
+def test_static_token_select_reuses_selection_only_while_fingerprints_agree(fused, monkeypatch):
     """The static layer decides the selection cache on the device, with the eager layer's rule."""
     from longreach.cache import layers, static
 
@@ -198,18 +197,44 @@ def test_static_token_select_reuses_votes_only_while_fingerprints_agree(fused, m
     monkeypatch.setattr(layers, "enabled", lambda x: fused)
     n_init, n_local, top_k, d = 1, 2, 4, 32
     k, v, q, close = _reuse_scene(d)
-    stale = _check_scene(k, q, close, d)
+    first = _check_scene(k, q, close, d)
     layer = StaticPolicyLayer(48, "token_select", top_k=top_k, n_init=n_init, n_local=n_local, threshold=0.9)
     layer.update(k[:, :, :39].to(DEVICE), v[:, :, :39].to(DEVICE))
-    for query, length, votes, reuses in [(q, 40, stale, 0), (close, 41, stale, 1),
-                                         (-q, 42, _brute_votes(-q, k, d**-0.5), 1)]:
+    last = _top(_brute_votes(-q, k, d**-0.5), n_init, n_local, top_k, 42)
+    for query, length, picked, reuses in [(q, 40, first, 0), (close, 41, first, 1), (-q, 42, last, 1)]:
         layer.update(k[:, :, length - 1 : length].to(DEVICE), v[:, :, length - 1 : length].to(DEVICE))
         where = Positions(torch.tensor([[length - 1]]), None, None)
         out = layer.attend(query.to(DEVICE), where, None, d**-0.5, None).cpu()
-        picked = _top(votes, n_init, n_local, top_k, length)
         index = torch.tensor(list(range(n_init)) + picked + list(range(length - n_local, length)))
         torch.testing.assert_close(out[0, :, 0], _attention_over(query, k, v, index))
         assert (layer.selections, layer.reuses) == (length - 39, reuses)
+
+
+@pytest.mark.parametrize("length,n_init,top_k,n_local", [(4500, 3, 700, 64), (4500, 2, 4470, 40), (60, 0, 1, 1)])
+def test_topk_kernel_matches_attended_slots(length, n_init, top_k, n_local):
+    """The radix-select kernel lists the reference's slots: init, the top-k candidates (any order; with
+    fewer candidates than k, the rest not counting), local; a skipped row keeps its top-k part."""
+    from longreach.kernels.topk import attended_slots
+
+    votes = torch.rand(3, 5000).square()
+    votes[0] = votes[0].mul(40).floor()  # many ties, at the threshold too
+    index = torch.full((3, n_init + top_k + n_local), -1)
+    valid = torch.zeros_like(index, dtype=torch.bool)
+    skip = torch.tensor([0, 1, 0], dtype=torch.int8)
+    on = [x.to(DEVICE) for x in (votes, torch.tensor(length), index, valid, skip)]
+    attended_slots(on[0], on[1], n_init, top_k, n_local, on[2], on[3], on[4])
+    got_index, got_valid = on[2].cpu(), on[3].cpu()
+    ref_index, ref_valid = select.attended_slots(votes, torch.tensor(length), n_init, top_k, n_local)
+    middle = slice(n_init, n_init + top_k)
+    for row in (0, 2):
+        ends = [*range(n_init), *range(n_init + top_k, index.shape[1])]
+        assert torch.equal(got_index[row, ends], ref_index[row, ends])
+        assert torch.equal(got_valid[row, ends], ref_valid[row, ends])
+        counted, ref_counted = (i[row, middle][ok[row, middle]] for i, ok in ((got_index, got_valid),
+                                                                               (ref_index, ref_valid)))
+        assert torch.equal(votes[row, counted].sort().values, votes[row, ref_counted].sort().values)
+        assert len(set(got_index[row, middle].tolist())) == top_k
+    assert (got_index[1, middle] == -1).all() and not got_valid[1, middle].any()
 
 
 def test_recall_kernel_matches_similar():

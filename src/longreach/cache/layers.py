@@ -29,19 +29,16 @@ if HAS_TRITON:
 Full = Callable[[Tensor, Tensor, Tensor, Positions], Tensor]
 
 
-def soft_votes(q: Tensor, keys: Tensor, scale: float, length: Tensor | None = None, out: Tensor | None = None,
+def soft_votes(q: Tensor, keys: Tensor, scale: float, length: Tensor | None = None,
                skip: Tensor | None = None) -> Tensor:
     """:func:`select.soft_votes` over the first ``length`` keys (a 0-d tensor on the keys' device;
-    all of them if None), in the fused Triton pass where it covers the keys. Written to ``out``
-    (b, L) if given, leaving the rows where ``skip`` (b,) is nonzero as they were."""
+    all of them if None), in the fused Triton pass where it covers the keys, which then leaves the
+    rows where ``skip`` (b,) is nonzero unwritten (the reference computes them anyway)."""
     if decode_kernels(keys):
         stored = torch.full((), keys.shape[2], device=keys.device) if length is None else length
-        return soft_votes_kernel(q, keys, scale, stored, out, skip)
+        return soft_votes_kernel(q, keys, scale, stored, skip)
     mask = None if length is None else torch.arange(keys.shape[2], device=keys.device) < length
-    votes = select.soft_votes(q, keys, scale, mask)
-    if out is None:
-        return votes
-    return out.copy_(votes if skip is None else torch.where(skip.bool()[:, None], out, votes))
+    return select.soft_votes(q, keys, scale, mask)
 
 
 def recall(fingerprint: Tensor, stored: Tensor, threshold: float, counts: Tensor) -> Tensor:
@@ -122,17 +119,15 @@ class TokenSelectLayer(PolicyLayer):
     """TokenSelect: keeps every token; a step attends to the first ``n_init``, the ``top_k`` tokens with
     the most soft votes of its query fingerprint (rotated query and keys) and the last ``n_local``.
 
-    The selection cache: while the un-rotated fingerprint's cosine similarity to the one that last
-    voted stays at least ``threshold`` (in every batch row; TokenSelect compares its queries before
-    rotation too), the step reuses those votes instead of scoring the cache. The top-k is re-taken
-    from them among the current candidates: a token that left the local window since the vote
-    competes with the vote it got then; one that arrived since votes 0."""
+    The selection cache: while the un-rotated fingerprint's cosine similarity to the one that made the
+    last selection stays at least ``threshold`` (in every batch row; TokenSelect compares its queries
+    before rotation too), the step reuses that top-k without scoring the cache. The local window only
+    moves forward, so the reused tokens stay candidates."""
 
     def __init__(self, top_k: int, n_init: int, n_local: int, threshold: float = 0.9):
         super().__init__()
         self.top_k, self.n_init, self.n_local, self.threshold = top_k, n_init, n_local, threshold
         self.fingerprint: Tensor | None = None
-        self.votes: Tensor | None = None
         self.picked: Tensor | None = None
         self.selections = self.reuses = 0
 
@@ -140,19 +135,18 @@ class TokenSelectLayer(PolicyLayer):
         length, q_len = self.keys.shape[2], q.shape[2]
         if length <= self.n_init + self.top_k + self.n_local or q_len == length or q_len > self.n_local:
             return full(q, self.keys, self.values, where)
-        self.picked = select.top_tokens(self.vote(q, where, rope, scale), self.n_init, self.n_local, self.top_k)
-        index = select.attended(self.picked, length, self.n_init, self.n_local)
+        index = select.attended(self.choose(q, where, rope, scale), length, self.n_init, self.n_local)
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
         return full(q, keys, values, Positions(where.query, where.key.expand(len(index), -1).gather(1, index), None))
 
-    def vote(self, q: Tensor, where: Positions, rope: Rope | None, scale: float) -> Tensor:
-        """The soft votes (b, L) of the step's query q (b, h, Lq, d) over the cache: fresh, from the
-        rotated query and keys (as TokenSelect scores its RoPE'd cache), or the stored ones."""
+    def choose(self, q: Tensor, where: Positions, rope: Rope | None, scale: float) -> Tensor:
+        """The step's top-k (b, k) for its query q (b, h, Lq, d): the stored one while the fingerprints
+        agree, else the most voted of the rotated query and keys (TokenSelect scores its RoPE'd cache)."""
         fingerprint = q.mean(2)
         self.selections += 1
         if self.fingerprint is not None and bool(select.similar(fingerprint, self.fingerprint, self.threshold).all()):
             self.reuses += 1
-            return torch.nn.functional.pad(self.votes, (0, self.keys.shape[2] - self.votes.shape[1]))
+            return self.picked
         scored_q, scored_k = q, self.keys
         if rope is not None:
             scored_q = rope.rotate(q, where.query[:, None])
@@ -160,11 +154,12 @@ class TokenSelectLayer(PolicyLayer):
                 scored_k = rotate_frames(self.keys, rope, [where.key.expand(len(q), -1)])[0]
             else:
                 scored_k = rope.rotate(self.keys, where.key[:, None])
-        self.fingerprint, self.votes = fingerprint, soft_votes(scored_q, scored_k, scale)
-        return self.votes
+        votes = soft_votes(scored_q, scored_k, scale)
+        self.fingerprint, self.picked = fingerprint, select.top_tokens(votes, self.n_init, self.n_local, self.top_k)
+        return self.picked
 
     def reset(self) -> None:
-        self.fingerprint = self.votes = self.picked = None
+        self.fingerprint = self.picked = None
         super().reset()
 
 

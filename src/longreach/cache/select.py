@@ -57,6 +57,20 @@ def top_tokens(votes: Tensor, n_init: int, n_local: int, top_k: int) -> Tensor:
     return candidates.topk(take, dim=-1).indices.sort(dim=-1).values + n_init
 
 
+def attended_slots(votes: Tensor, length: Tensor, n_init: int, top_k: int, n_local: int) -> tuple[Tensor, Tensor]:
+    """A static cache step's attended slots (b, n_init + top_k + n_local), the top-k part unordered: the
+    first ``n_init``, the ``top_k`` candidates (slots n_init up to ``length`` - n_local) with the most
+    ``votes`` (b, L) and the last ``n_local``; with whether each holds a token that counts (b, same)."""
+    b, slots = votes.shape
+    index = torch.arange(slots, device=votes.device)
+    candidate = (index >= n_init) & (index < length - n_local)
+    picked = votes.masked_fill(~candidate, float("-inf")).topk(top_k, dim=-1, sorted=False).indices
+    init = index[:n_init].expand(b, -1)
+    local = (length - n_local + index[:n_local]).expand(b, -1)
+    return (torch.cat([init, picked, local.clamp_min(0)], dim=-1),
+            torch.cat([init < length, candidate[picked], local >= n_init], dim=-1))
+
+
 def attended(picked: Tensor, length: int, n_init: int, n_local: int) -> Tensor:
     """The attention set (b, n_init + k + n_local), ascending: [0, n_init), ``picked`` (b, k), the last n_local."""
     b = picked.shape[0]

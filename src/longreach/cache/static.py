@@ -6,10 +6,10 @@ written) and a step reads each key once. On CUDA the attention reads the attende
 (:mod:`longreach.kernels.gathered`). ``full`` attends to every stored token; ``token_select``
 scores every stored token against the step's query (on CUDA in one Triton pass over the keys,
 :mod:`longreach.kernels.votes`) and attends to the first ``n_init``, the ``top_k`` most voted and
-the last ``n_local``. Its selection cache is decided on the device: a batch row whose un-rotated query
-is within ``threshold`` cosine similarity of the one that last voted keeps its votes, and the vote
-kernels skip it (no branch in the graph); the top-k is re-taken from the kept votes, as in
-:class:`longreach.cache.layers.TokenSelectLayer`.
+the last ``n_local`` (on CUDA chosen by a radix select, :mod:`longreach.kernels.topk`). Its selection
+cache is decided on the device: a batch row whose un-rotated query is within ``threshold`` cosine
+similarity of the one that made the last selection keeps that top-k, and the vote and top-k kernels
+skip it (no branch leaves the graph), as :class:`longreach.cache.layers.TokenSelectLayer` does.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .layers import Full, PolicyCache, _gather, recall, soft_votes
 
 if HAS_TRITON:
     from ..kernels.gathered import gathered_decode_attention
+    from ..kernels.topk import attended_slots
 
 STATIC_POLICIES = ("full", "token_select")
 
@@ -38,9 +39,10 @@ class StaticPolicyLayer(StaticLayer):
         super().__init__(max_cache_len)
         self.policy, self.top_k, self.n_init, self.n_local = policy, top_k, n_init, n_local
         self.threshold = threshold
-        # token_select's selection cache, allocated at the first step: the last votes (b, max_cache_len),
-        # the fingerprint that cast them (b, h * d; zero: none yet) and (rows tested, rows reusing).
-        self.votes = self.fingerprint = self.counts = None
+        # token_select's attended slots and their validity (b, n_init + top_k + n_local), kept between
+        # steps for the selection cache with the fingerprint that chose the top-k (b, h * d; zero: none
+        # yet) and (rows tested, rows reusing); allocated at the first step.
+        self.index = self.valid = self.fingerprint = self.counts = None
 
     @property
     def selections(self) -> int:
@@ -75,11 +77,11 @@ class StaticPolicyLayer(StaticLayer):
             # update() wrote the step's key un-rotated: rotate it in place at its position (its slot).
             self.keys.index_copy_(2, slot, rope.rotate(self.keys.index_select(2, slot), slot))
             q = rope.rotate(q, where.query[:, None])
-        slots = torch.arange(self.max_cache_len, device=q.device)
         if self.policy == "full":
+            slots = torch.arange(self.max_cache_len, device=q.device)
             index, valid = slots.expand(len(q), -1), (slots < self.cumulative_length).expand(len(q), -1)
         else:
-            index, valid = self.selection(fingerprint, q, scale, slots)
+            index, valid = self.selection(fingerprint, q, scale)
         if decode_kernels(self.keys):
             return gathered_decode_attention(q, self.keys, self.values, index, valid, scale)
         if self.policy == "full":
@@ -87,23 +89,26 @@ class StaticPolicyLayer(StaticLayer):
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
         return select.decode_attention(q, keys, values, valid, scale)
 
-    def selection(self, fingerprint: Tensor, q: Tensor, scale: float, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """Attended slots (b, n_init + top_k + n_local), unordered, and whether each holds a token that
-        counts, for the rotated query q (b, h, 1, d) whose un-rotated form is ``fingerprint`` (b, h * d)."""
-        length = self.cumulative_length
-        if self.votes is None:
-            self.votes = q.new_zeros(len(q), self.max_cache_len, dtype=torch.float32)
+    def selection(self, fingerprint: Tensor, q: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """Attended slots (b, n_init + top_k + n_local) and whether each holds a token that counts, for
+        the rotated query q (b, h, 1, d) whose un-rotated form is ``fingerprint`` (b, h * d)."""
+        length, sizes = self.cumulative_length, (self.n_init, self.top_k, self.n_local)
+        if self.index is None:
+            self.index = torch.zeros(len(q), sum(sizes), device=q.device, dtype=torch.long)
+            self.valid = torch.zeros_like(self.index, dtype=torch.bool)
             self.fingerprint = q.new_zeros(fingerprint.shape, dtype=torch.float32)
             self.counts = torch.zeros(2, device=q.device, dtype=torch.long)
         reuse = recall(fingerprint, self.fingerprint, self.threshold, self.counts)
-        votes = soft_votes(q, self.keys, scale, length, out=self.votes, skip=reuse)
-        candidate = (slots >= self.n_init) & (slots < length - self.n_local)
-        picked = votes.masked_fill(~candidate, float("-inf")).topk(self.top_k, dim=-1, sorted=False).indices
-        init = slots[: self.n_init].expand(len(q), -1)
-        local = (length - self.n_local + slots[: self.n_local]).expand(len(q), -1)
-        index = torch.cat([init, picked, local.clamp_min(0)], dim=-1)
-        valid = torch.cat([init < length, candidate[picked], local >= self.n_init], dim=-1)
-        return index, valid
+        votes = soft_votes(q, self.keys, scale, length, skip=reuse)
+        if decode_kernels(self.keys):
+            attended_slots(votes, length, *sizes, self.index, self.valid, reuse)
+            return self.index, self.valid
+        index, valid = select.attended_slots(votes, length, *sizes)
+        columns = torch.arange(sum(sizes), device=q.device)
+        kept = reuse.bool()[:, None] & (columns >= self.n_init) & (columns < self.n_init + self.top_k)
+        self.index.copy_(torch.where(kept, self.index, index))
+        self.valid.copy_(torch.where(kept, self.valid, valid))
+        return self.index, self.valid
 
 
 def make_static_cache(policy: str, num_layers: int, max_cache_len: int, **options) -> PolicyCache:

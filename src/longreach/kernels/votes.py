@@ -89,13 +89,12 @@ def recall(fingerprint: Tensor, stored: Tensor, threshold: float, counts: Tensor
     return reuse
 
 
-def soft_votes(query: Tensor, keys: Tensor, scale: float, length: Tensor, out: Tensor | None = None,
-               skip: Tensor | None = None) -> Tensor:
+def soft_votes(query: Tensor, keys: Tensor, scale: float, length: Tensor, skip: Tensor | None = None) -> Tensor:
     """(b, L) float32: sum over heads of softmax over the first ``length`` keys of qbar . k * scale.
 
     ``query`` (b, h, Lq, d) is averaged over its rows; ``keys`` (b, h_kv, L, d) are read once per kv
     head; ``length`` a 0-d integer tensor on the keys' device, 1 <= length <= L; keys from it on vote 0.
-    The votes go to ``out`` (b, L) float32 if given, except in the rows where ``skip`` (b,) int8 is 1.
+    Rows where ``skip`` (b,) int8 is 1 are left unwritten.
     """
     b, h, _, d = query.shape
     h_kv, slots = keys.shape[1], keys.shape[2]
@@ -118,6 +117,6 @@ def soft_votes(query: Tensor, keys: Tensor, scale: float, length: Tensor, out: T
     )
     top = block_max.amax(-1, keepdim=True)
     norm = (block_sum * (block_max - top).exp()).sum(-1)
-    votes = torch.empty(b, slots, device=keys.device, dtype=torch.float32) if out is None else out
+    votes = torch.empty(b, slots, device=keys.device, dtype=torch.float32)
     _sum_kernel[(b, triton.cdiv(slots, SUM_BLOCK))](logits, top, norm, skip, votes, h, slots, BLOCK=SUM_BLOCK)
     return votes
