@@ -330,6 +330,34 @@ def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
     torch.testing.assert_close(out[0, :, 0], _attention_over(q, k, v, index))
 
 
+@pytest.mark.parametrize("policy,options", [("full", {}), ("token_select", {"top_k": 9, "n_init": 2, "n_local": 6})])
+def test_static_kernel_path_rotates_like_the_reference(policy, options, monkeypatch):
+    """With rotary, the kernel path (one launch turning the query and the step's key from shared
+    tables, the fused votes, the radix top-k, the gathered attention) gives the reference's output and
+    leaves the same rotated keys, step after step."""
+    from longreach.cache import layers, static
+
+    rope, d = default(32, 10000.0), 32
+    k, v, q = torch.randn(2, 2, 70, d), torch.randn(2, 2, 70, d), torch.randn(3, 2, 4, 1, d)
+    runs = []
+    for fused in (False, True):
+        for module in (layers, static):
+            monkeypatch.setattr(module, "decode_kernels", lambda keys, fused=fused: fused)
+        monkeypatch.setattr(layers, "enabled", lambda x, fused=fused: fused)
+        cache = make_static_cache(policy, 2, 80, **options)
+        layer = cache.layers[1]
+        layer.fill(k[:, :, :67].to(DEVICE), v[:, :, :67].to(DEVICE), rope)
+        outs = []
+        for step in range(3):
+            layer.update(k[:, :, 67 + step : 68 + step].to(DEVICE), v[:, :, 67 + step : 68 + step].to(DEVICE))
+            where = Positions(torch.full((2, 1), 67 + step, device=DEVICE), None, None)
+            outs.append(layer.attend(q[step].to(DEVICE), where, rope, d**-0.5, None).cpu())
+        runs.append((torch.stack(outs), layer.keys[:, :, :70].cpu()))
+    (ref, ref_keys), (out, keys) = runs
+    torch.testing.assert_close(keys, ref_keys)
+    torch.testing.assert_close(out, ref)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
 def test_static_full_attends_to_every_stored_token(fused, monkeypatch):
     from longreach.cache import static

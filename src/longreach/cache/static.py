@@ -26,6 +26,7 @@ from .layers import Full, PolicyCache, _gather, recall, soft_votes
 
 if HAS_TRITON:
     from ..kernels.gathered import gathered_decode_attention
+    from ..kernels.rotary import rotate_step, tables
     from ..kernels.topk import attended_slots
 
 STATIC_POLICIES = ("full", "token_select")
@@ -35,10 +36,12 @@ class StaticPolicyLayer(StaticLayer):
     """transformers' static layer (in-place writes at a device-side length) plus a policy's attention."""
 
     def __init__(self, max_cache_len: int, policy: str, top_k: int = 0, n_init: int = 0, n_local: int = 1,
-                 threshold: float = 0.9):
+                 threshold: float = 0.9, rotary: dict | None = None):
         super().__init__(max_cache_len)
         self.policy, self.top_k, self.n_init, self.n_local = policy, top_k, n_init, n_local
         self.threshold = threshold
+        # The kernel path's cos/sin tables of every slot's position, shared by the cache's layers.
+        self.rotary = {} if rotary is None else rotary
         # token_select's attended slots and their validity (b, n_init + top_k + n_local), kept between
         # steps for the selection cache with the fingerprint that chose the top-k (b, h * d; zero: none
         # yet) and (rows tested, rows reusing); allocated at the first step.
@@ -71,12 +74,9 @@ class StaticPolicyLayer(StaticLayer):
     def attend(self, q: Tensor, where: Positions, rope: Rope | None, scale: float, full: Full) -> Tensor:
         if q.shape[2] != 1:
             raise ValueError(f"static cache: decode one token per step (got {q.shape[2]}); fill the prompt first")
-        slot = (self.cumulative_length - 1).view(1)
         fingerprint = q.flatten(1)
         if rope is not None:
-            # update() wrote the step's key un-rotated: rotate it in place at its position (its slot).
-            self.keys.index_copy_(2, slot, rope.rotate(self.keys.index_select(2, slot), slot))
-            q = rope.rotate(q, where.query[:, None])
+            q = self.rotate(q, where.query[:, 0], rope)
         if self.policy == "full":
             slots = torch.arange(self.max_cache_len, device=q.device)
             index, valid = slots.expand(len(q), -1), (slots < self.cumulative_length).expand(len(q), -1)
@@ -88,6 +88,18 @@ class StaticPolicyLayer(StaticLayer):
             return select.decode_attention(q, self.keys, self.values, valid, scale)
         keys, values = _gather(self.keys, index[:, None]), _gather(self.values, index[:, None])
         return select.decode_attention(q, keys, values, valid, scale)
+
+    def rotate(self, q: Tensor, position: Tensor, rope: Rope) -> Tensor:
+        """q (b, h, 1, d) rotated at ``position`` (b,); and the key update() wrote un-rotated, rotated
+        in place at its position (its slot)."""
+        slot = (self.cumulative_length - 1).view(1)
+        if decode_kernels(self.keys):
+            if self.rotary.get("rope") is not rope:
+                positions = torch.arange(self.max_cache_len, device=q.device)[None]
+                self.rotary.update(rope=rope, tables=tables(rope, positions))
+            return rotate_step(q, self.keys, position, self.cumulative_length, *self.rotary["tables"])
+        self.keys.index_copy_(2, slot, rope.rotate(self.keys.index_select(2, slot), slot))
+        return rope.rotate(q, position[:, None, None])
 
     def selection(self, fingerprint: Tensor, q: Tensor, scale: float) -> tuple[Tensor, Tensor]:
         """Attended slots (b, n_init + top_k + n_local) and whether each holds a token that counts, for
@@ -122,4 +134,6 @@ def make_static_cache(policy: str, num_layers: int, max_cache_len: int, **option
             raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {options['threshold']}")
         if sum(options[k] for k in ("top_k", "n_init", "n_local")) > max_cache_len:
             raise ValueError(f"top_k + n_init + n_local must not exceed max_cache_len {max_cache_len}")
-    return PolicyCache([StaticPolicyLayer(max_cache_len, policy, **options) for _ in range(num_layers)], policy)
+    rotary = {}
+    return PolicyCache([StaticPolicyLayer(max_cache_len, policy, rotary=rotary, **options) for _ in range(num_layers)],
+                       policy)

@@ -53,6 +53,40 @@ def turn(x: Tensor, cos: Tensor, sin: Tensor, *, first: int = 0, period: int = 0
     return out
 
 
+@triton.jit
+def _step_kernel(Q, OUT, K, POSITION, LENGTH, COS, SIN, sqb, sqh, skb, skh, skl, H, H_KV, HALF: tl.constexpr):
+    # Program r < b * h: query row r at its batch row's position, into OUT; the others: the key of kv
+    # row r - b * h at slot length - 1 (its position), in place.
+    r = tl.program_id(0)
+    dh = tl.arange(0, HALF)
+    if r < tl.num_programs(0) // (H + H_KV) * H:
+        src = Q + r // H * sqb + r % H * sqh
+        dst = OUT + r * 2 * HALF
+        at = tl.load(POSITION + r // H)
+    else:
+        r -= tl.num_programs(0) // (H + H_KV) * H
+        at = tl.load(LENGTH) - 1
+        src = K + r // H_KV * skb + r % H_KV * skh + at * skl
+        dst = src
+    x1, x2 = tl.load(src + dh).to(tl.float32), tl.load(src + HALF + dh).to(tl.float32)
+    y1, y2 = rotate(x1, x2, tl.load(COS + at * HALF + dh), tl.load(SIN + at * HALF + dh), False)
+    tl.store(dst + dh, y1.to(dst.dtype.element_ty))
+    tl.store(dst + HALF + dh, y2.to(dst.dtype.element_ty))
+
+
+def rotate_step(q: Tensor, keys: Tensor, position: Tensor, length: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """One static decode step's rotary in one launch: returns q (b, h, 1, d) rotated at ``position``
+    (b,) and rotates in place the key the step wrote to ``keys`` (b, h_kv, L, d) at slot ``length`` - 1
+    (a 0-d tensor on the device), at that slot's position. ``cos``/``sin``: (1, n, d/2) float32 tables
+    of positions 0..n-1 (:func:`tables`), n above every position."""
+    b, h, _, d = q.shape
+    h_kv = keys.shape[1]
+    out = torch.empty(b, h, 1, d, device=q.device, dtype=q.dtype)
+    _step_kernel[(b * (h + h_kv),)](q, out, keys, position.contiguous(), length.reshape(1), cos, sin, q.stride(0),
+                                   q.stride(1), *keys.stride()[:3], h, h_kv, HALF=d // 2)
+    return out
+
+
 def tables(rope: Rope, positions: Tensor) -> tuple[Tensor, Tensor]:
     """float32 (b, L, d/2) cos and sin of ``rope`` at ``positions`` (b, L), times its scaling."""
     angle = positions.to(torch.float32)[..., None] * rope.inv_freq.to(positions.device, torch.float32)
