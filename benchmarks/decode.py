@@ -12,8 +12,10 @@ Then the static caches (``full``, ``token_select``) are decoded by ``longreach.d
 from a CUDA graph: per-token latency, one layer's attention replayed alone from its own graph (times
 the layer count) and, for the full cache, the bandwidth bound: (weight bytes + cache bytes read) /
 the measured device-to-device copy bandwidth. token_select's attention is timed twice, voting afresh
-at every replay and reusing the votes at every replay, and weighted by the reuse rate its selection
-cache (threshold 0.9) had during the decode.
+at every replay and reusing the selection at every replay, and weighted by the reuse rate its
+selection cache (threshold 0.9) had during the decode. ``--profile`` also writes, per static cache,
+context and (for token_select) fresh or reusing step, torch.profiler's per-kernel table of one
+layer's attention run eagerly (``profile_*.txt``).
 """
 
 from __future__ import annotations
@@ -175,9 +177,21 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / (ms / 1e3)
 
 
-def compiled(model, context: int, steps: int, bandwidth: float) -> list[dict]:
+def profile_table(fn, path: Path, repeats: int = 10) -> None:
+    """torch.profiler's CUDA kernel table of ``repeats`` eager calls of ``fn`` (after one warm call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30) + "\n")
+
+
+def compiled(model, context: int, steps: int, bandwidth: float, profile: Path | None = None) -> list[dict]:
     """The static caches decoded from a CUDA graph: per-token latency, the attention time of one step
-    (one layer's attention replayed alone, times the layer count) and the bandwidth bound."""
+    (one layer's attention replayed alone, times the layer count) and the bandwidth bound; with
+    ``profile`` a directory, the per-kernel tables of one layer's attention there."""
     config, records = model.config, []
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     longreach.extend(model, attention="dense")
@@ -199,13 +213,19 @@ def compiled(model, context: int, steps: int, bandwidth: float) -> list[dict]:
             reuse = sum(x.reuses for x in cache.layers) / sum(x.selections for x in cache.layers)
             layer.threshold = 2.0  # every replay votes afresh
             attention = graph_ms(attend)
-            layer.threshold = -1.0  # every replay after the first reuses the votes
+            if profile:
+                profile_table(attend, profile / f"profile_{policy}_{context}.txt")
+            layer.threshold = -1.0  # every replay after the first reuses the selection
             reused = graph_ms(attend)
+            if profile:
+                profile_table(attend, profile / f"profile_{policy}_{context}_reusing.txt")
             extra = {"selection_reuse": reuse, "attention_reused_ms": reused * config.num_hidden_layers,
                      "attention_at_measured_reuse_ms": ((1 - reuse) * attention + reuse * reused)
                      * config.num_hidden_layers}
         else:
             attention = graph_ms(attend)
+            if profile:
+                profile_table(attend, profile / f"profile_{policy}_{context}.txt")
         read = cache_bytes(cache) // (context + 64) * context if policy == "full" else 0
         records.append({"policy": policy, "context": context, "path": "cuda_graph", "latency_ms": latency,
                         "attention_ms": attention * config.num_hidden_layers, **extra,
@@ -233,14 +253,16 @@ def main() -> None:
     parser.add_argument("--contexts", type=parse_lengths, default=[32768, 131072])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", action="store_true", help="write per-kernel tables of the static attention")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     register()
     install_clocks()
     model = build()
     bandwidth = copy_bandwidth()
     records = [r for context in args.contexts for r in run(model, context, args.steps)]
-    records += [r for context in args.contexts for r in compiled(model, context, args.steps, bandwidth)]
-    args.out.mkdir(parents=True, exist_ok=True)
+    profile = args.out if args.profile else None
+    records += [r for context in args.contexts for r in compiled(model, context, args.steps, bandwidth, profile)]
     meta = {"device": torch.cuda.get_device_name(), "model": "Llama-3-8B shape, random bf16 weights",
             "steps": args.steps, "batch": 1, "copy_bandwidth_gb_s": bandwidth / 1e9}
     (args.out / "decode.json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
