@@ -204,17 +204,25 @@ def test_rotary_pass_matches_rope_rotate():
     torch.testing.assert_close(*[torch.autograd.grad(y, x, g)[0] for y in (out, ref)], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1024, 2], ids=["one-normaliser-chunk", "normaliser-chunks"])
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
-@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 64, 250), (1, 4, 4, 128, 32, 128), (1, 6, 2, 200, 128, 1)])
-def test_vote_kernel_matches_soft_votes(shape, dtype):
+@pytest.mark.parametrize("shape", [(2, 8, 2, 300, 64, 290), (1, 4, 4, 128, 32, 128), (1, 6, 2, 200, 128, 1)])
+def test_vote_kernel_matches_soft_votes(shape, dtype, chunk, monkeypatch):
     """TokenSelect's soft votes in one pass (split softmax over key blocks, device-side length) equal the
-    reference's masked softmax summed over heads, including a ragged last block and a single stored key."""
+    reference's masked softmax summed over heads, including a ragged last block, a single stored key and
+    block statistics merged over several chunks."""
     from longreach.cache.select import soft_votes
+    from longreach.kernels import votes
     from longreach.kernels.votes import soft_votes as fused_votes
+
+    monkeypatch.setattr(votes, "NORM_CHUNK", chunk)
 
     b, h, h_kv, slots, d, length = shape
     q = torch.randn(b, h, 3, d, device=DEVICE).to(dtype)
-    keys = torch.randn(b, h_kv, slots, d, device=DEVICE).to(dtype) * 2
+    keys = torch.randn(b, h_kv, slots, d, device=DEVICE) * 2
+    # The last stored key answers every head of its group: each head's maximum lies in the last block.
+    keys[:, :, length - 1] = 3 * q.float().mean(2).view(b, h_kv, h // h_kv, d).sum(2)
+    keys = keys.to(dtype)
     stored = torch.arange(slots, device=DEVICE) < length
     ref = soft_votes(q, keys, d**-0.5, stored)
     out = fused_votes(q, keys, d**-0.5, torch.tensor(length, device=DEVICE))

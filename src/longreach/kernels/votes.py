@@ -22,6 +22,7 @@ from .tiles import group_scores, kv_program
 
 BLOCK = 128
 SUM_BLOCK = 256
+NORM_CHUNK = 1024
 
 
 @triton.jit
@@ -35,6 +36,25 @@ def _logits_kernel(Q, K, LENGTH, SKIP, LOGITS, BMAX, BSUM, skb, skh, skl, H_KV, 
         tl.store(LOGITS + head[:, None] * L + cols[None, :], s, mask=real[:, None] & (cols[None, :] < L))
         tl.store(BMAX + head * NB + j, m, mask=real)
         tl.store(BSUM + head * NB + j, tl.sum(p, 1), mask=real)
+
+
+@triton.jit
+def _norm_kernel(BMAX, BSUM, SKIP, TOP, NORM, H, NB, CHUNK: tl.constexpr):
+    # Program b * h + head: the head's softmax maximum and normaliser from its NB block statistics.
+    bh = tl.program_id(0)
+    if tl.load(SKIP + bh // H) == 0:
+        top = tl.full((1,), float("-inf"), tl.float32)
+        norm = tl.zeros((1,), tl.float32)
+        for start in range(0, NB, CHUNK):
+            j = start + tl.arange(0, CHUNK)
+            m = tl.load(BMAX + bh * NB + j, mask=j < NB, other=float("-inf"))
+            new_top = tl.maximum(top, tl.max(m, 0))
+            shift = tl.where(new_top == float("-inf"), 0.0, new_top)
+            part = tl.load(BSUM + bh * NB + j, mask=j < NB, other=0.0) * tl.math.exp(m - shift)
+            norm = norm * tl.math.exp(top - shift) + tl.sum(part, 0)
+            top = new_top
+        tl.store(TOP + bh + tl.arange(0, 1), top)
+        tl.store(NORM + bh + tl.arange(0, 1), norm)
 
 
 @triton.jit
@@ -103,7 +123,7 @@ def soft_votes(query: Tensor, keys: Tensor, scale: float, length: Tensor, skip: 
                          f"got head_dim={d}, heads={h}, kv heads={h_kv}")
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
-    fingerprint = query.mean(2).contiguous()
+    fingerprint = (query[:, :, 0] if query.shape[2] == 1 else query.mean(2)).contiguous()
     n_blocks = triton.cdiv(slots, BLOCK)
     logits = torch.empty(b, h, slots, device=keys.device, dtype=torch.float32)
     block_max = torch.empty(b, h, n_blocks, device=keys.device, dtype=torch.float32)
@@ -115,8 +135,8 @@ def soft_votes(query: Tensor, keys: Tensor, scale: float, length: Tensor, skip: 
         n_blocks, scale, G=group, ROWS=max(16, triton.next_power_of_2(group)), D=d, BLOCK=BLOCK,
         DOT="ieee" if keys.dtype == torch.float32 else "tf32",
     )
-    top = block_max.amax(-1, keepdim=True)
-    norm = (block_sum * (block_max - top).exp()).sum(-1)
+    top, norm = torch.empty(2, b * h, device=keys.device, dtype=torch.float32)
+    _norm_kernel[(b * h,)](block_max, block_sum, skip, top, norm, h, n_blocks, CHUNK=NORM_CHUNK)
     votes = torch.empty(b, slots, device=keys.device, dtype=torch.float32)
     _sum_kernel[(b, triton.cdiv(slots, SUM_BLOCK))](logits, top, norm, skip, votes, h, slots, BLOCK=SUM_BLOCK)
     return votes
