@@ -6,8 +6,8 @@ each key block once for all query heads of its group, writes the logits and each
 softmax statistics (max, sum of exp); the per-head normaliser is combined from those block
 statistics (flash-decoding's split softmax) and the votes summed from the logits. The number of
 stored tokens is read on the device, so a CUDA graph can replay the step at any length; so is the
-selection cache's verdict (:func:`recall`), by which both passes skip a batch row that reuses its
-votes.
+selection cache's verdict (:func:`recall`), by which every pass skips a batch row that reuses its
+selection.
 """
 
 from __future__ import annotations
