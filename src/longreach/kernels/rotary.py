@@ -81,6 +81,8 @@ def rotate_step(q: Tensor, keys: Tensor, position: Tensor, length: Tensor, cos: 
     of positions 0..n-1 (:func:`tables`), n above every position."""
     b, h, _, d = q.shape
     h_kv = keys.shape[1]
+    if q.stride(-1) != 1 or keys.stride(-1) != 1:
+        raise ValueError("rotate_step: q and keys must be contiguous along the head dimension")
     out = torch.empty(b, h, 1, d, device=q.device, dtype=q.dtype)
     _step_kernel[(b * (h + h_kv),)](q, out, keys, position.contiguous(), length.reshape(1), cos, sin, q.stride(0),
                                    q.stride(1), *keys.stride()[:3], h, h_kv, HALF=d // 2)
