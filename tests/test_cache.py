@@ -312,6 +312,32 @@ def _attention_over(q, k, v, index):
     return torch.einsum("hl,hld->hd", probs, values)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("policy,options", [
+    ("full", {}),
+    ("token_select", {"top_k": 16, "n_init": 4, "n_local": 8}),
+    ("token_select", {"top_k": 16, "n_init": 4, "n_local": 8, "threshold": -1.0}),
+], ids=["full", "token_select", "token_select-reusing"])
+def test_graph_replay_decodes_like_eager_steps(policy, options):
+    """The captured step (decode kernels, device-side length, the selection cache's device-side
+    verdict) replays what eager steps decode; with threshold -1 every step after the first reuses."""
+    model = tiny_model("llama", hidden_size=128).cuda()
+    ids = torch.randint(1, model.config.vocab_size, (2, 100), device="cuda")
+    longreach.extend(model, attention="dense")
+    runs = []
+    for graph in (False, True):
+        cache = make_static_cache(policy, model.config.num_hidden_layers, 160, **options)
+        decoder = GraphDecoder(model, cache, prefill(model, ids, cache), ids.shape[1])
+        if graph:
+            decoder.capture(warmup=2)  # the two warm-up steps run eagerly
+        steps = [decoder.step().clone() for _ in range(10 if graph else 12)]
+        runs.append((torch.cat(steps[-10:], dim=1), cache.layers[0]))
+    (eager, _), (replayed, layer) = runs
+    assert torch.equal(replayed, eager)
+    if policy == "token_select":
+        assert layer.selections == 2 * 12 and layer.reuses == (2 * 11 if options.get("threshold") == -1.0 else 0)
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "triton"])
 def test_static_token_select_attends_to_its_selection(fused, monkeypatch):
     from longreach.cache import layers, static
