@@ -7,7 +7,7 @@ step attends to: sinks and h2o keep exactly that many, token_select keeps all an
 
 from __future__ import annotations
 
-from .layers import H2OLayer, PolicyCache, PolicyLayer, SinksLayer, TokenSelectLayer
+from .layers import H2OLayer, PolicyCache, PolicyLayer, SinksLayer, TokenSelectLayer, cosine_threshold
 
 OPTIONS = {
     "sinks": ("budget", "sink"),
@@ -35,10 +35,7 @@ def _layer(policy: str, budget: int, options: dict) -> PolicyLayer:
         return H2OLayer(budget, _whole("recent", options.get("recent", budget // 2), 0, budget))
     n_init = _whole("n_init", options.get("n_init", min(128, budget // 16)), 0, budget)
     n_local = _whole("n_local", options.get("n_local", min(512, budget // 4)), 1, budget - n_init)
-    threshold = float(options.get("threshold", 0.9))
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {threshold}")
-    return TokenSelectLayer(budget - n_init - n_local, n_init, n_local, threshold)
+    return TokenSelectLayer(budget - n_init - n_local, n_init, n_local, cosine_threshold(options.get("threshold", 0.9)))
 
 
 def make_cache(policy: str, num_layers: int, **options) -> PolicyCache:

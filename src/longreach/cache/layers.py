@@ -115,6 +115,14 @@ class H2OLayer(PolicyLayer):
         super().reset()
 
 
+def cosine_threshold(value: float) -> float:
+    """token_select's ``threshold`` option, checked: a cosine similarity in [-1, 1]."""
+    threshold = float(value)
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {value}")
+    return threshold
+
+
 class TokenSelectLayer(PolicyLayer):
     """TokenSelect: keeps every token; a step attends to the first ``n_init``, the ``top_k`` tokens with
     the most soft votes of its query fingerprint (rotated query and keys) and the last ``n_local``.

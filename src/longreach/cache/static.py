@@ -22,7 +22,7 @@ from ..attention import Positions
 from ..kernels import HAS_TRITON, decode_kernels
 from ..positions import Rope
 from . import select
-from .layers import Full, PolicyCache, _gather, recall, soft_votes
+from .layers import Full, PolicyCache, _gather, cosine_threshold, recall, soft_votes
 
 if HAS_TRITON:
     from ..kernels.gathered import gathered_decode_attention
@@ -92,12 +92,12 @@ class StaticPolicyLayer(StaticLayer):
     def rotate(self, q: Tensor, position: Tensor, rope: Rope) -> Tensor:
         """q (b, h, 1, d) rotated at ``position`` (b,); and the key update() wrote un-rotated, rotated
         in place at its position (its slot)."""
-        slot = (self.cumulative_length - 1).view(1)
         if decode_kernels(self.keys):
             if self.rotary.get("rope") is not rope:
                 positions = torch.arange(self.max_cache_len, device=q.device)[None]
                 self.rotary.update(rope=rope, tables=tables(rope, positions))
             return rotate_step(q, self.keys, position, self.cumulative_length, *self.rotary["tables"])
+        slot = (self.cumulative_length - 1).view(1)
         self.keys.index_copy_(2, slot, rope.rotate(self.keys.index_select(2, slot), slot))
         return rope.rotate(q, position[:, None, None])
 
@@ -130,8 +130,7 @@ def make_static_cache(policy: str, num_layers: int, max_cache_len: int, **option
     if policy == "token_select":
         if options.get("top_k", 0) < 1 or options.get("n_local", 0) < 1 or options.get("n_init", 0) < 0:
             raise ValueError(f"token_select needs top_k >= 1, n_local >= 1, n_init >= 0, got {options}")
-        if not -1.0 <= options.get("threshold", 0.9) <= 1.0:
-            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {options['threshold']}")
+        cosine_threshold(options.get("threshold", 0.9))
         if sum(options[k] for k in ("top_k", "n_init", "n_local")) > max_cache_len:
             raise ValueError(f"top_k + n_init + n_local must not exceed max_cache_len {max_cache_len}")
     rotary = {}
