@@ -188,6 +188,14 @@ def profile_table(fn, path: Path, repeats: int = 10) -> None:
     path.write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30) + "\n")
 
 
+def attention_ms(attend, table: Path | None) -> float:
+    """Median ms of ``attend`` replayed from a CUDA graph; with ``table``, its profile written there."""
+    ms = graph_ms(attend)
+    if table is not None:
+        profile_table(attend, table)
+    return ms
+
+
 def compiled(model, context: int, steps: int, bandwidth: float, profile: Path | None = None) -> list[dict]:
     """The static caches decoded from a CUDA graph: per-token latency, the attention time of one step
     (one layer's attention replayed alone, times the layer count) and the bandwidth bound; with
@@ -208,24 +216,19 @@ def compiled(model, context: int, steps: int, bandwidth: float, profile: Path | 
         where = Positions(torch.full((1, 1), context, device="cuda"), None, None)
         rope = model._longreach.rope
         attend = partial(layer.attend, q, where, rope, layer.k_head_dim ** -0.5, None)
+        table = None if profile is None else profile / f"profile_{policy}_{context}.txt"
         extra = {}
         if policy == "token_select":
             reuse = sum(x.reuses for x in cache.layers) / sum(x.selections for x in cache.layers)
             layer.threshold = 2.0  # every replay votes afresh
-            attention = graph_ms(attend)
-            if profile:
-                profile_table(attend, profile / f"profile_{policy}_{context}.txt")
+            attention = attention_ms(attend, table)
             layer.threshold = -1.0  # every replay after the first reuses the selection
-            reused = graph_ms(attend)
-            if profile:
-                profile_table(attend, profile / f"profile_{policy}_{context}_reusing.txt")
+            reused = attention_ms(attend, table and table.with_stem(table.stem + "_reusing"))
             extra = {"selection_reuse": reuse, "attention_reused_ms": reused * config.num_hidden_layers,
                      "attention_at_measured_reuse_ms": ((1 - reuse) * attention + reuse * reused)
                      * config.num_hidden_layers}
         else:
-            attention = graph_ms(attend)
-            if profile:
-                profile_table(attend, profile / f"profile_{policy}_{context}.txt")
+            attention = attention_ms(attend, table)
         read = cache_bytes(cache) // (context + 64) * context if policy == "full" else 0
         records.append({"policy": policy, "context": context, "path": "cuda_graph", "latency_ms": latency,
                         "attention_ms": attention * config.num_hidden_layers, **extra,

@@ -1,11 +1,11 @@
-"""How often token_select's selection cache reuses its votes on a trained model, and what it costs.
+"""How often token_select's selection cache reuses its top-k on a trained model, and what it costs.
 
 Runs on the CPU: ``python benchmarks/selection_reuse.py --out DIR``. The shipped reference model
 decodes continuations of held-out documents with token_select at each ``--thresholds`` value; the
-share of steps (summed over layers) that reused the stored votes is recorded with how long the
+share of steps (summed over layers) that reused the stored selection is recorded with how long the
 continuations follow the full cache's (the share of tokens before they first depart from it) and
-the passkey accuracy at 512 tokens under the same cache, against the full cache's accuracy. Random-weight models
-(``decode.py``) reuse nothing: their consecutive queries are nearly orthogonal.
+the passkey accuracy at 512 tokens under the same cache, against the full cache's accuracy.
+Random-weight models (``decode.py``) reuse nothing: their consecutive queries are nearly orthogonal.
 """
 
 from __future__ import annotations
