@@ -13,8 +13,9 @@ Rotary inside the kernels, two ways:
 - ``rotary``: select-and-merge's positions on selected tokens. The key at slot s, offset t sits at
   s * B + t and the query at its own (last) slot's position. Rotations in one plane compose,
   R(a) q . R(b) k = R(t_q) q . R(delta B) R(t_k) k with delta = s - own slot: q and k are turned by
-  their offset inside the block once (one pass, :func:`longreach.kernels.rotary.turn`), the kernels
-  turn each key block by delta * B, a single d/2 vector of cos/sin per block, and the backward
+  their offset inside the block once (one pass, :func:`longreach.kernels.rotary.turn`); per listed
+  block the forward turns the query block back by delta * B (R(a) q . k = q . R(-a) k) and the dQ
+  kernel the key block forward, each a single d/2 vector of cos/sin per block; the backward
   kernels turn dq and dk back by the in-block offset as they store them.
 - frames: DCA, self-extend and re-indexed sinks score each (query, key) pair under one of two or
   three position maps, chosen per pair. q (and k) arrive rotated under each map, stacked (F, ...);
@@ -91,6 +92,16 @@ def _turn_block(x1, x2, COS, SIN, turn, HALF: tl.constexpr, INVERSE: tl.constexp
     s = tl.load(SIN + turn * HALF + dh)[None, :]
     r1, r2 = rotate(x1.to(tl.float32), x2.to(tl.float32), c, s, INVERSE)
     return r1.to(x1.dtype), r2.to(x2.dtype)
+
+
+@triton.jit
+def _result_layout(q1, q2, scale, HALF: tl.constexpr, DOT: tl.constexpr):
+    # q's halves times ``scale`` in float32, in the layout of a product's result: a query turned
+    # from there feeds the next product from registers, where one turned in the load layout goes
+    # through shared memory first (the forward kernel's per-slot turn cost about 0.3 of 1.4 ms so).
+    dh = tl.arange(0, HALF)
+    eye = (dh[:, None] == dh[None, :]).to(q1.dtype)
+    return tl.dot(q1, eye, input_precision=DOT) * scale, tl.dot(q2, eye, input_precision=DOT) * scale
 
 
 @triton.jit
@@ -288,6 +299,9 @@ def _fwd_kernel(
     q1, q2 = load_halves(q_base, q_row, q_ok, sqm, HALF)
     q_pos = _positions(QPOS + b * spq, q_row, q_ok, RULE)
     n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, DENSE)
+    qs1, qs2 = q1, q2
+    if ROTARY:
+        qs1, qs2 = _result_layout(q1, q2, qk_scale, HALF, DOT)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc1 = tl.zeros([BLOCK, HALF], tl.float32)
@@ -299,17 +313,20 @@ def _fwd_kernel(
         k_block = _listed_block(table, slot, DENSE)
         k_idx = k_block * BLOCK + t
         k_in = k_idx < Lk
-        k1, k2 = _key_block(k_base, k_idx, k_in, skn, COS, SIN, slot - n + WIDTH, HALF, ROTARY)
+        k1, k2 = load_halves(k_base, k_idx, k_in, skn, HALF)
         lo, hi = 0, 0
         if FRAMES > 1:
             lo, hi = _frame_bounds(QB + b * sbq, KB + b * sbk, m, START_BLOCK, k_block, SPAN, BLOCK, RULE)
-        if hi == 0:
-            qk = _dot_t(q1, q2, k1, k2, DOT)
+        if ROTARY:
+            # R(delta B) k . q = k . R(-delta B) q: the query turns back instead of the key.
+            a1, a2 = _turn_block(qs1, qs2, COS, SIN, slot - n + WIDTH, HALF, True)
+            qk = _dot_t(a1.to(q1.dtype), a2.to(q2.dtype), k1, k2, DOT)
+        elif hi == 0:
+            qk = _dot_t(q1, q2, k1, k2, DOT) * qk_scale
         else:
             fr = _frame(q_idx, k_idx, q_pos, _positions(KPOS + b * spk, k_idx, k_in, RULE), SPAN, RULE)
             qk = _frame_scores(q1, q2, k1, k2, fr, lo, hi, q_base, sqf, q_row, q_ok, sqm, k_base, skf, k_idx, k_in,
-                               skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT)
-        qk = qk * qk_scale
+                               skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT) * qk_scale
         if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK,
                        TOKEN_MASK):
             ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
