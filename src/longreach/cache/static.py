@@ -130,7 +130,7 @@ def make_static_cache(policy: str, num_layers: int, max_cache_len: int, **option
     if policy == "token_select":
         if options.get("top_k", 0) < 1 or options.get("n_local", 0) < 1 or options.get("n_init", 0) < 0:
             raise ValueError(f"token_select needs top_k >= 1, n_local >= 1, n_init >= 0, got {options}")
-        cosine_threshold(options.get("threshold", 0.9))
+        options["threshold"] = cosine_threshold(options.get("threshold", 0.9))
         if sum(options[k] for k in ("top_k", "n_init", "n_local")) > max_cache_len:
             raise ValueError(f"top_k + n_init + n_local must not exceed max_cache_len {max_cache_len}")
     rotary = {}

@@ -299,7 +299,6 @@ def _fwd_kernel(
     q1, q2 = load_halves(q_base, q_row, q_ok, sqm, HALF)
     q_pos = _positions(QPOS + b * spq, q_row, q_ok, RULE)
     n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, DENSE)
-    qs1, qs2 = q1, q2
     if ROTARY:
         qs1, qs2 = _result_layout(q1, q2, qk_scale, HALF, DOT)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)

@@ -18,10 +18,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-RADIX = 256
-PASSES = 4
+DIGIT = 8  # bits per pass
+PASSES = 32 // DIGIT
+RADIX = 2**DIGIT
 BLOCK = 2048
 EDGE = 256
+# The jit functions read module globals only as constexprs.
+_DIGIT, _PASSES, _RADIX = tl.constexpr(DIGIT), tl.constexpr(PASSES), tl.constexpr(RADIX)
 
 
 @triton.jit
@@ -37,15 +40,15 @@ def _keys(VOTES, LENGTH, b, L, cols, N_INIT, N_LOCAL):
 def _prefix(HIST, K, PASS: tl.constexpr):
     # The first PASS digits of the K-th largest key, from the histograms of passes < PASS, and how
     # many keys with that prefix are still to be taken.
-    digits = tl.arange(0, 256)
+    digits = tl.arange(0, _RADIX)
     prefix = 0
     remaining = K
     for p in tl.static_range(PASS):
-        h = tl.load(HIST + p * 256 + digits)
+        h = tl.load(HIST + p * _RADIX + digits)
         at_least = tl.sum(h, 0) - tl.cumsum(h, 0) + h
         digit = tl.sum((at_least >= remaining).to(tl.int32), 0) - 1
         remaining -= tl.sum(tl.where(digits > digit, h, 0), 0)
-        prefix = prefix * 256 + digit
+        prefix = prefix * _RADIX + digit
     return prefix, remaining
 
 
@@ -55,12 +58,12 @@ def _histogram_kernel(VOTES, LENGTH, SKIP, HIST, L, K, N_INIT, N_LOCAL, PASS: tl
     b = tl.program_id(0)
     if tl.load(SKIP + b) == 0:
         key, match = _keys(VOTES, LENGTH, b, L, tl.program_id(1) * BLOCK + tl.arange(0, BLOCK), N_INIT, N_LOCAL)
-        hist = HIST + b * 4 * 256
+        hist = HIST + b * _PASSES * _RADIX
         if PASS > 0:
             prefix, _ = _prefix(hist, K, PASS)
-            match = match & ((key >> (32 - 8 * PASS)) == prefix)
-        digit = (key >> (24 - 8 * PASS)) & 255
-        tl.atomic_add(hist + PASS * 256 + tl.arange(0, 256), tl.histogram(digit, 256, mask=match))
+            match = match & ((key >> (32 - _DIGIT * PASS)) == prefix)
+        digit = (key >> (32 - _DIGIT * (PASS + 1))) & (_RADIX - 1)
+        tl.atomic_add(hist + PASS * _RADIX + tl.arange(0, _RADIX), tl.histogram(digit, _RADIX, mask=match))
 
 
 @triton.jit
@@ -70,7 +73,7 @@ def _count_kernel(VOTES, LENGTH, SKIP, HIST, COUNTS, L, K, N_INIT, N_LOCAL, NB, 
     j = tl.program_id(1)
     if tl.load(SKIP + b) == 0:
         key, inside = _keys(VOTES, LENGTH, b, L, j * BLOCK + tl.arange(0, BLOCK), N_INIT, N_LOCAL)
-        threshold, _ = _prefix(HIST + b * 4 * 256, K, 4)
+        threshold, _ = _prefix(HIST + b * _PASSES * _RADIX, K, _PASSES)
         tl.store(COUNTS + (b * NB + j) * 2, tl.sum((inside & (key > threshold)).to(tl.int32), 0))
         tl.store(COUNTS + (b * NB + j) * 2 + 1, tl.sum((inside & (key == threshold)).to(tl.int32), 0))
 
@@ -85,7 +88,7 @@ def _write_kernel(VOTES, LENGTH, SKIP, HIST, COUNTS, INDEX, VALID, L, K, N_INIT,
     if tl.load(SKIP + b) == 0:
         cols = j * BLOCK + tl.arange(0, BLOCK)
         key, inside = _keys(VOTES, LENGTH, b, L, cols, N_INIT, N_LOCAL)
-        threshold, take = _prefix(HIST + b * 4 * 256, K, 4)
+        threshold, take = _prefix(HIST + b * _PASSES * _RADIX, K, _PASSES)
         blocks = tl.arange(0, BLOCKS)
         earlier = COUNTS + (b * NB + blocks) * 2
         above_before = tl.sum(tl.load(earlier, mask=blocks < j, other=0), 0)
