@@ -37,7 +37,7 @@ from longreach.cache import PolicyCache, make_cache
 from longreach.cache.static import make_static_cache
 from longreach.cli import parse_lengths
 from longreach.decode import GraphDecoder, capture_graph
-from longreach.hf import PREFIX, register
+from longreach.hf import PREFIX, cache_kwargs, register
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
@@ -106,8 +106,7 @@ def decode(model, cache, context: int, clock: AttentionClock, steps: int, warmup
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
         start.record()
-        out = model(input_ids=token, past_key_values=cache, position_ids=position, cache_position=position[0],
-                    use_cache=True)
+        out = model(input_ids=token, position_ids=position, use_cache=True, **cache_kwargs(cache, position[0]))
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         end.record()
         torch.cuda.synchronize()

@@ -18,6 +18,7 @@ import torch
 
 import longreach
 from longreach.evals import passkey
+from longreach.hf import output_cache
 from longreach.reference_model import heldout_texts, load_reference_model
 
 DEPTHS = [0.2, 0.5, 0.8]
@@ -33,8 +34,9 @@ def continue_texts(model, tokenizer, prompt: int, new_tokens: int, documents: in
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True)
         continuations.append(out.sequences[0, prompt:])
-        reuses += sum(getattr(layer, "reuses", 0) for layer in out.past_key_values.layers)
-        selections += sum(getattr(layer, "selections", 0) for layer in out.past_key_values.layers)
+        layers = output_cache(out).layers
+        reuses += sum(getattr(layer, "reuses", 0) for layer in layers)
+        selections += sum(getattr(layer, "selections", 0) for layer in layers)
     return continuations, reuses / max(1, selections)
 
 

@@ -12,6 +12,7 @@ from longreach.cache.static import StaticPolicyLayer, make_static_cache
 from longreach.cli import main
 from longreach.decode import GraphDecoder, prefill
 from longreach.evals import passkey
+from longreach.hf import cache_kwargs, output_cache
 from longreach.models import tiny_model
 from longreach.positions import default
 from longreach.reference_model import load_reference_model
@@ -32,7 +33,7 @@ def test_budget_covering_the_context_generates_like_the_full_cache(arch, policy,
         longreach.extend(model, cache=policy, budget=50, **options)
         out = model.generate(ids, max_new_tokens=20, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, full)
-    assert type(out.past_key_values).__name__ == "PolicyCache"
+    assert type(output_cache(out)).__name__ == "PolicyCache"
 
 
 @pytest.mark.parametrize("policy,options", POLICIES)
@@ -42,7 +43,7 @@ def test_small_budget_bounds_what_is_kept(policy, options):
     longreach.extend(model, cache=policy, budget=16, **options)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
-    kept = {layer.keys.shape[2] for layer in out.past_key_values.layers}
+    kept = {layer.keys.shape[2] for layer in output_cache(out).layers}
     assert kept == ({49} if policy == "token_select" else {16})
 
 
@@ -272,7 +273,7 @@ def test_policy_cache_needs_an_extended_model_and_equal_lengths():
     model = tiny_model("llama")
     ids = torch.randint(1, model.config.vocab_size, (2, 12))
     with pytest.raises(ValueError, match="needs a model configured with longreach.extend"):
-        model(ids, past_key_values=make_cache("sinks", model.config.num_hidden_layers, budget=8))
+        model(ids, **cache_kwargs(make_cache("sinks", model.config.num_hidden_layers, budget=8)))
     longreach.extend(model, cache="sinks", budget=8)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0

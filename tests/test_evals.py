@@ -18,9 +18,10 @@ from longreach.evals.efficiency import efficiency
 from longreach.evals.needle import needle
 from longreach.evals.passkey import passkey
 from longreach.evals.perplexity import perplexity
-from longreach.hf import load_pretrained
+from longreach.hf import CACHE_ARG, CACHE_FIELD
 from longreach.loss import token_losses
 from longreach.models import tiny_model
+from longreach.pretrained import load_pretrained
 from longreach.reference_model import TRAIN_LENGTH, heldout_texts, load_reference_model, training_record
 
 KEY = re.compile(r"(?:pass key is|magic number of \w+ is) (\d+)")
@@ -47,12 +48,12 @@ class Oracle(nn.Module):
         said = key if right else str((int(key) + 1) % 10 ** len(key)).zfill(len(key))
         return prompts.encode(self.tokenizer, f" {said}.")
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep=0):
-        queues = past_key_values or [self._answer(row) for row in input_ids.tolist()]
+    def forward(self, input_ids, use_cache=True, logits_to_keep=0, **kwargs):
+        queues = kwargs.get(CACHE_ARG) or [self._answer(row) for row in input_ids.tolist()]
         logits = torch.zeros(len(queues), 1, self.config.vocab_size)
         for i, queue in enumerate(queues):
             logits[i, 0, queue.pop(0) if queue else 0] = 1.0
-        return SimpleNamespace(logits=logits, past_key_values=queues)
+        return SimpleNamespace(logits=logits, **{CACHE_FIELD: queues})
 
 
 @pytest.mark.parametrize("evaluate", ["passkey", "needle"])

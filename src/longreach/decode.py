@@ -15,7 +15,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from .cache import PolicyCache
-from .hf import place_rope
+from .hf import cache_kwargs, place_rope
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def prefill(model, ids: Tensor, cache: PolicyCache) -> Tensor:
     store its un-rotated keys and values in the static ``cache``; returns the next greedy token (b, 1)."""
     rope = place_rope(model, ids.device)
     dynamic = DynamicCache(config=model.config)
-    out = model(input_ids=ids, past_key_values=dynamic, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(dynamic))
     for layer, source in zip(cache.layers, dynamic.layers, strict=True):
         layer.fill(source.keys, source.values, rope)
     return out.logits[:, -1:].argmax(-1)
@@ -62,8 +62,8 @@ class GraphDecoder:
 
     @torch.no_grad()
     def _forward(self) -> None:
-        out = self.model(input_ids=self.token, position_ids=self.position, cache_position=self.position[0],
-                         past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=self.token, position_ids=self.position, use_cache=True,
+                         **cache_kwargs(self.cache, self.position[0]))
         self.token.copy_(out.logits[:, -1:].argmax(-1))
         self.position.add_(1)
 

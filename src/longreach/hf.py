@@ -13,14 +13,19 @@ position one more than slot j - 1, and the last slot holds the last query.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers import AttentionInterface, DynamicCache, LlamaForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from . import cache as policies
 from . import positions as pos
@@ -29,6 +34,48 @@ from .attention import METHODS, Positions, check_options, get_method
 PREFIX = "longreach_"
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 TRAIN_LENGTH_OPTIONS = ("train_length",)
+
+# transformers 5.x renamed the KV cache argument and output field from ``past_key_values`` to ``cache``
+# (the old name warns, and is to be removed): every model call here uses the installed version's names.
+_FORWARD_ARGS = inspect.signature(LlamaForCausalLM.forward).parameters
+CACHE_ARG = "cache" if "cache" in _FORWARD_ARGS else "past_key_values"
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+# Older versions take the cache write positions explicitly; without them a static cache would be asked
+# for its length (a host sync a CUDA graph cannot hold). Newer ones derive them from the cache.
+TAKES_CACHE_POSITION = "cache_position" in _FORWARD_ARGS
+
+
+def cache_kwargs(cache: Cache | None, cache_position: Tensor | None = None) -> dict[str, Any]:
+    """Keyword arguments that hand ``cache`` (and, where the installed transformers takes it,
+    ``cache_position``) to a model's forward under the installed version's names."""
+    kwargs: dict[str, Any] = {CACHE_ARG: cache}
+    if TAKES_CACHE_POSITION and cache_position is not None:
+        kwargs["cache_position"] = cache_position
+    return kwargs
+
+
+def output_cache(output: Any) -> Cache | None:
+    """The cache a model's forward (or ``generate(..., return_dict_in_generate=True)``) returned."""
+    return getattr(output, CACHE_FIELD)
+
+
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Activation checkpointing (non-reentrant) on every decoder layer, by the installed version's name."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def peft_wrap(model: PreTrainedModel, lora_config: Any) -> nn.Module:
+    """``peft.get_peft_model``, without the deprecation warning peft's own
+    ``model.is_gradient_checkpointing`` probe raises under transformers >= 5.2x (peft's call, not ours)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, lora_config)
 
 
 @dataclass
@@ -120,32 +167,45 @@ def _policy_layer(setup: Setup | None, module: nn.Module, key: Tensor) -> polici
     if setup is None or setup.active is None:
         return None
     layer = setup.active.layers[module.layer_idx]
-    return layer if key is layer.keys else None
+    if key is not layer.keys:
+        raise RuntimeError(f"cache policy {setup.active.policy!r} was handed to the model, but its attention "
+                           "received keys from another cache: the policy would be silently ignored")
+    return layer
 
 
-def _use_policy_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook: give a caching forward the configured policy's cache in place of a new empty one
-    (``generate`` then carries it from step to step), and let the attention layers find it."""
-    setup: Setup = model._longreach
-    cache = kwargs.get("past_key_values")
-    caching = kwargs.get("use_cache", model.config.use_cache)
+def _use_policy_cache(setup: Setup, config: Any, module: nn.Module, args: tuple,
+                      kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook on the backbone: give a caching forward the configured policy's cache in place of
+    a new empty one (``generate`` then carries it from step to step), and let the attention layers find
+    it. A configured policy must be the cache the forward uses: any other cache raises."""
+    name = next((k for k in (CACHE_ARG, "past_key_values") if kwargs.get(k) is not None), CACHE_ARG)
+    cache = kwargs.get(name)
+    caching = kwargs.get("use_cache")
+    caching = config.use_cache if caching is None else caching
     fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
     if setup.cache is not None and caching and fresh:
-        cache = policies.make_cache(setup.cache, model.config.num_hidden_layers, **setup.cache_options)
-        kwargs["past_key_values"] = cache
+        cache = policies.make_cache(setup.cache, config.num_hidden_layers, **setup.cache_options)
+        kwargs[name] = cache
+    if setup.cache is not None and cache is not None and getattr(cache, "policy", None) != setup.cache:
+        raise ValueError(f"cache policy {setup.cache!r} is configured (longreach.extend(cache=...)) but this "
+                         f"forward was given a {type(cache).__name__} with {cache.get_seq_length()} cached tokens; "
+                         "pass no cache (or an empty one) to start the policy's, or extend(model, cache=None)")
     setup.active = cache if isinstance(cache, policies.PolicyCache) else None
     if setup.active is not None:
         setup.active.wired = True
     return args, kwargs
 
 
-def _end_policy_cache(model: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    model._longreach.active = None
+def _end_policy_cache(setup: Setup, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    setup.active = None
 
 
-def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                  attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
-    """The compact mask our methods take: (b, kv_length) True for real keys, or None (no padding)."""
+def _padding_mask(*, kv_length: int, kv_offset: int = 0, attention_mask: Tensor | None = None,
+                  **kwargs: Any) -> Tensor | None:
+    """The compact mask our methods take: (b, kv_length) True for real keys, or None (no padding).
+
+    transformers calls mask functions by keyword; the query's extent is ``q_length``/``q_offset`` in
+    newer versions and ``cache_position`` in older ones, and neither matters to a key mask."""
     if attention_mask is None:
         return None
     mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
@@ -265,8 +325,10 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
     register()
     setup = Setup(method, attn_opts, rope, position, backbone.rotary_emb, model.config._attn_implementation,
                   cache, cache_opts)
-    setup.hooks = [model.register_forward_pre_hook(_use_policy_cache, with_kwargs=True),
-                   model.register_forward_hook(_end_policy_cache, with_kwargs=True)]
+    # On the backbone, which creates the cache when none is given, whichever module the caller calls.
+    setup.hooks = [backbone.register_forward_pre_hook(partial(_use_policy_cache, setup, model.config),
+                                                      with_kwargs=True),
+                   backbone.register_forward_hook(partial(_end_policy_cache, setup), with_kwargs=True)]
     backbone.rotary_emb = UnappliedRotary(_rope_basics(model)[0])
     for module in _attention_modules(backbone):
         module._longreach = setup
@@ -310,14 +372,3 @@ def describe(model: PreTrainedModel) -> dict[str, Any] | None:
         return None
     return {"attention": setup.method, "options": setup.options, "position": setup.position, "cache": setup.cache,
             "cache_options": setup.cache_options}
-
-
-def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """``(model, tokenizer)`` from a local Hugging Face checkpoint directory, the model in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"model path {str(path)!r} does not exist (or is not a checkpoint directory)")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)

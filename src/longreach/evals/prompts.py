@@ -38,7 +38,14 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def _start(tokenizer) -> list[int]:
-    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    """The special tokens the tokenizer itself puts before a text (Llama's BOS; none for SmolLM2, whose
+    BOS is its chat opener): a prompt begins as the model's tokenizer begins one."""
+    plain = encode(tokenizer, "a")
+    full = list(tokenizer.encode("a", add_special_tokens=True))
+    for cut in range(len(full) - len(plain) + 1):
+        if full[cut:cut + len(plain)] == plain:
+            return full[:cut]
+    return []
 
 
 def fixed_size(tokenizer, intro: str, needle: str, question: str) -> int:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..hf import cache_kwargs, output_cache
 from .prompts import Prompt, check_depth
 
 MakePrompt = Callable[[int, float, random.Random], Prompt]
@@ -20,7 +21,7 @@ def greedy(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     tokens = [out.logits[:, -1].argmax(-1)]
     for _ in range(steps - 1):
-        out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=tokens[-1][:, None], use_cache=True, **cache_kwargs(output_cache(out)))
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, 1)
 

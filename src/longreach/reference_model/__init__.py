@@ -15,15 +15,17 @@ import torch
 
 WEIGHTS = Path(__file__).parent / "weights"
 TRAIN_LENGTH = 512
+# Its training rows and prompts begin with BOS, so its tokenizer adds one, as Llama's does.
+TOKENIZER_OPTIONS = {"add_bos_token": True}
 
 
 def load_reference_model(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """``(model, tokenizer)``: the reference ``LlamaForCausalLM`` in eval mode and its tokenizer.
 
     The weights ship in bfloat16 and are loaded as ``dtype``."""
-    from ..hf import load_pretrained
+    from ..pretrained import load_pretrained
 
-    return load_pretrained(WEIGHTS, dtype=dtype, device=device)
+    return load_pretrained("reference", dtype=dtype, device=device)
 
 
 @cache

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..hf import extend
+from ..hf import enable_checkpointing, extend, peft_wrap
 from ..positions import CRDNTK
 
 CRD_NTK = "crd_ntk"
@@ -81,16 +81,16 @@ def crd_sampler(base: nn.Module, config: FinetuneConfig) -> CRDNTK | None:
 def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     """Configure ``model`` for long context, wrap it with LoRA adapters (peft) on ``lora_targets`` and
     make the parameters named by ``trainable`` (embeddings, norms) trainable too. Returns the peft model."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     configure(model, config)
     if config.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.config.use_cache = False
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                       target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
     compute_dtype = next(model.parameters()).dtype
-    peft_model = get_peft_model(model, lora)
+    peft_model = peft_wrap(model, lora)
     for name, param in peft_model.named_parameters():
         if any(part in name for part in config.trainable):
             param.requires_grad_(True)
