@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from types import SimpleNamespace
 
@@ -150,7 +151,7 @@ def test_perplexity_matches_known_predictions():
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"window": 64}, "window must be in"), ({"lengths": [5000]}, "no document holds"),
+    ({"window": 64}, "window must be in"), ({"lengths": [5000]}, "fewer than one segment of 5001"),
 ])
 def test_perplexity_rejects_bad_input(kwargs, message):
     args = {"lengths": [64, 128], "window": 16} | kwargs
@@ -225,3 +226,28 @@ def test_reference_model_retrieves_inside_its_window_and_fails_beyond_twice_it(r
     assert all(r["accuracy"] == 1.0 for r in inside) and beyond[0]["accuracy"] == 0.0
     record = training_record()
     assert record["heldout_perplexity"] > 1 and record["loss_curve"][-1]["loss"] < record["loss_curve"][0]["loss"]
+
+
+def test_haystacks_join_documents_without_repeating_one():
+    from longreach.evals.retrieval import haystack_ids
+
+    documents = [list(range(start, start + size)) for start, size in ((0, 300), (1000, 50), (2000, 700), (5000, 9))]
+    total = sum(map(len, documents)) + 4  # one separator token after each document
+    for seed in range(20):
+        ids = haystack_ids(documents, total - seed, random.Random(seed), separator=[-1])
+        assert len(ids) == total - seed
+        words = [token for token in ids if token != -1]
+        assert len(words) == len(set(words))  # longer than any document, yet no token twice
+    assert haystack_ids(documents, 500, random.Random(3), [-1]) == haystack_ids(documents, 500, random.Random(3), [-1])
+    assert haystack_ids(documents, 500, random.Random(3), [-1]) != haystack_ids(documents, 500, random.Random(4), [-1])
+    with pytest.raises(ValueError, match=f"hold {total} tokens, fewer than the {total + 1} asked for"):
+        haystack_ids(documents, total + 1, random.Random(0), [-1])
+
+
+def test_perplexity_segments_span_documents_when_none_is_long_enough():
+    from longreach.evals.perplexity import segments
+
+    texts = [" ".join(str(i) for i in range(start, start + 40)) for start in (0, 100, 200, 300)]
+    data = segments(CountingTokenizer(), texts, 100, samples=3)
+    assert data.shape == (1, 100)  # 4 documents of 40 tokens, joined with separators, hold one segment of 100
+    assert data[0, :40].tolist() == list(range(40)) and 100 in data[0].tolist()

@@ -46,6 +46,9 @@ def parse_options(items: tuple[str, ...]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        if value.lower() in ("true", "false"):
+            options[key] = value.lower() == "true"
+            continue
         for convert in (int, float):
             try:
                 value = convert(value)
@@ -113,6 +116,10 @@ def evaluation(kind: str, total: Callable[..., int]):
                         bar.set_postfix_str(name)
                         config = setups.apply(model, name, factor=factor, lengths=lengths, options=extra,
                                               cache=cache)
+                        if factor is None and config.get("factor") == 1.0:
+                            tqdm.write(f"note: setup {name!r} gets factor 1 (the longest length fits the trained "
+                                       f"{model.config.max_position_embeddings} tokens), so it equals the model's "
+                                       "own RoPE; pass --factor to rescale anyway")
                         for record in run(model, tokenizer, lengths=lengths, progress=bar.update, **kwargs):
                             records.append({"setup": name, "factor": config.get("factor"), **record})
             except ValueError as error:
@@ -156,17 +163,18 @@ def _grid_total(lengths, depths, trials, **_) -> int:
 @click.option("--trials", default=2, show_default=True, type=int, help="prompts per (length, depth) cell")
 @click.option("--batch-size", default=1, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--chat", is_flag=True, help="ask in the model's chat template (instruct models)")
 @evaluation("passkey", _grid_total)
-def passkey_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, progress):
+def passkey_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, chat, progress):
     """Passkey retrieval accuracy over lengths x depths (baseline or extension methods)."""
     return passkey(model, tokenizer, lengths, parse_floats(depths, "--depths"), trials=trials, seed=seed,
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, chat=chat, progress=progress)
 
 
 def _texts(paths: tuple[Path, ...]) -> tuple[str, ...]:
-    from .reference_model import heldout_texts
+    from .reference_model import haystack_texts
 
-    return tuple(p.read_text(errors="replace") for p in paths) if paths else heldout_texts()
+    return tuple(p.read_text(errors="replace") for p in paths) if paths else haystack_texts()
 
 
 @main.command(name="needle")
@@ -176,11 +184,12 @@ def _texts(paths: tuple[Path, ...]) -> tuple[str, ...]:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="haystack text file (repeatable) [default: the shipped held-out documents]")
+@click.option("--chat", is_flag=True, help="ask in the model's chat template (instruct models)")
 @evaluation("needle", _grid_total)
-def needle_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, texts, progress):
+def needle_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, texts, chat, progress):
     """Needle-in-a-haystack accuracy in real text over lengths x depths."""
     return needle(model, tokenizer, lengths, parse_floats(depths, "--depths"), texts=_texts(texts), trials=trials,
-                  seed=seed, batch_size=batch_size, progress=progress)
+                  seed=seed, batch_size=batch_size, chat=chat, progress=progress)
 
 
 @main.command(name="perplexity")
@@ -206,7 +215,7 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, prog
 
 @main.command(name="finetune")
 @click.option("--model", "model_spec", default="reference", show_default=True,
-              help="'reference' or a local Hugging Face checkpoint directory")
+              help="'reference', 'smollm2', a local Hugging Face checkpoint folder or a .gguf file")
 @click.option("--data", "data", multiple=True, required=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="training text file (repeatable); documents are packed into rows")
@@ -242,3 +251,17 @@ def finetune_command(model_spec, data, length, steps, attention, position, lr, b
         raise click.UsageError(str(error)) from None
     (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     click.echo(f"{len(history)} steps, last loss {history[-1]['loss']:.4f}; wrote {out}")
+
+
+@main.command(name="convert")
+@click.argument("model_spec", metavar="IN")
+@click.argument("out", metavar="OUT_DIR", type=click.Path(file_okay=False, path_type=Path))
+def convert_command(model_spec, out):
+    """Write a model (a .gguf file, 'smollm2', a checkpoint folder) as a bf16 safetensors checkpoint folder."""
+    from .pretrained import convert
+
+    try:
+        folder = convert(model_spec, out)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    click.echo(f"wrote {folder}")

@@ -16,7 +16,7 @@ from .chunked import dca
 from .core import Positions
 from .dense import dense
 from .select_merge import select_merge
-from .self_extend import self_extend
+from .self_extend import AUTO, self_extend
 from .shifted import s2, sf
 from .sinks import sinks
 from .softplus import softplus
@@ -26,15 +26,16 @@ __all__ = ["METHODS", "Method", "Positions", "check_options", "get_method"]
 
 @dataclass(frozen=True)
 class Option:
-    """An option's allowed values: an int/float range, a bool, or a set of strings."""
+    """An option's allowed values: an int/float range (and ``words`` besides), a bool, or a set of strings."""
 
     kind: type
     low: float | None = None
     choices: tuple[str, ...] = ()
     optional: bool = False
+    words: tuple[str, ...] = ()
 
     def check(self, method: str, name: str, value: Any) -> None:
-        if value is None and self.optional:
+        if (value is None and self.optional) or (isinstance(value, str) and value in self.words):
             return
         if self.choices:
             if value not in self.choices:
@@ -43,7 +44,8 @@ class Option:
         number = (int,) if self.kind is int else (int, float)
         ok = isinstance(value, bool) if self.kind is bool else isinstance(value, number) and not isinstance(value, bool)
         if not ok:
-            raise ValueError(f"{method}: option {name!r} must be a {self.kind.__name__}, got {value!r}")
+            alternatives = "".join(f" or {word!r}" for word in self.words)
+            raise ValueError(f"{method}: option {name!r} must be a {self.kind.__name__}{alternatives}, got {value!r}")
         if self.low is not None and not value >= self.low:
             raise ValueError(f"{method}: option {name!r} must be >= {self.low}, got {value!r}")
 
@@ -84,9 +86,9 @@ METHODS: dict[str, Method] = {
         Method("sf", sf, {**BLOCK, "group_size": _int(2, optional=True), "shift": Option(bool), "sink": _int(0)},
                "SinkLoRA sink-fixed shifted attention"),
         Method("dca", dca, {**BLOCK, **TRAIN, "chunk_size": _int(2, optional=True),
-                            "local_window": _int(0, optional=True)}, "dual chunk attention"),
-        Method("self_extend", self_extend, {**BLOCK, **TRAIN, "group_size": _int(1), "window": _int(1, optional=True)},
-               "self-extend grouped positions"),
+                            "local_window": _int(0, optional=True), "mscale": Option(bool)}, "dual chunk attention"),
+        Method("self_extend", self_extend, {**BLOCK, **TRAIN, "group_size": Option(int, 1, words=(AUTO,)),
+                                            "window": _int(1, optional=True)}, "self-extend grouped positions"),
         Method("sinks", sinks, {**BLOCK, "sink": _int(0), "window": _int(1)}, "attention sinks + sliding window"),
         Method("softplus", softplus, {**BLOCK, **TRAIN, "power": Option(float, 1)},
                "softplus attention with l1 normalisation and re-weighting"),

@@ -7,11 +7,16 @@ p_k mod chunk_len. The query's position depends on the key's chunk relative to i
   ``local_window`` queries of a chunk and capped after;
 - inter (earlier chunks): the constant chunk_size.
 One softmax runs over all three parts (equal to ChunkLlama's log-sum-exp merge). Defaults follow
-ChunkLlama: chunk_size = 3L/4, local_window = L/16 for pre-training length L = ``train_length``.
-No relative distance exceeds chunk_size < L, whatever the input length.
+ChunkLlama's paper code: chunk_size = 3L/4, local_window = L/16 for pre-training length L =
+``train_length`` (its code since April 2024 uses L/8: ``local_window=L // 8``). ``mscale=True`` is
+that code's temperature: beyond L, logits are multiplied by (0.05 ln(n / L) + 1)^2 for n keys.
+No relative distance exceeds chunk_size < L, whatever the input length; while every position is
+inside the first chunk all three maps are the ordinary positions, and dense attention runs.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -19,6 +24,7 @@ from torch import Tensor
 from .. import kernels
 from ..positions import Rope
 from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope, rotate_keys
+from .dense import dense
 
 
 def chunk_sizes(train_length: int, chunk_size: int | None, local_window: int | None) -> tuple[int, int]:
@@ -60,6 +66,7 @@ def dca(
     train_length: int = 4096,
     chunk_size: int | None = None,
     local_window: int | None = None,
+    mscale: bool = False,
     block_size: int = 64,
 ) -> Tensor:
     """Dual chunk attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) un-rotated -> (b, h, Lq, d)."""
@@ -67,6 +74,11 @@ def dca(
     chunk_size, local_window = chunk_sizes(train_length, chunk_size, local_window)
     rope = require_rope(rope, "dca")
     chunk_len = chunk_size - local_window
+    last = int(positions.key.max())
+    if mscale and last + 1 > train_length:
+        scale *= (0.05 * math.log((last + 1) / train_length) + 1) ** 2
+    if last < chunk_len and int(positions.key.min()) >= 0:
+        return dense(q, k, v, positions=positions, rope=rope, scale=scale)
     if kernels.use_kernel(q, positions, block_size):
         q_in = positions.query % chunk_len
         maps = [torch.full_like(q_in, chunk_size), (q_in + chunk_len).clamp_max(chunk_size), q_in]

@@ -36,6 +36,9 @@ def dense(
     q_len, k_len = q.shape[2], k.shape[2]
     q = rotate(rope, q, positions.query[:, None])
     k = rotate(rope, k, positions.key[:, None])
+    if causal and q_len == k_len and sliding_window is None and positions.key_mask is None:
+        # No mask tensor: an (L, L) one would take L^2 bytes (16 GiB at 128K) for what is_causal says.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
     mask = None
     if causal:
         mask = causal_mask(q_len, k_len, q.device)
@@ -47,6 +50,4 @@ def dense(
         mask = keys if mask is None else mask & keys
         # A padding query sees no key; let it see all so that SDPA stays finite (its output is unused).
         mask = mask | ~mask.any(dim=-1, keepdim=True)
-    if mask is not None and mask.dim() == 2 and q_len == k_len and sliding_window is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)

@@ -6,6 +6,9 @@ For query position p_q and key position p_k (p_q >= p_k):
   two maps meet at distance ``window``.
 One softmax over the merged logits. The usable length is (L - window) * G + window for pre-training
 length L; the default window is L / 4 (LongLM's 1024 for L = 4096) and G = 8 (its signature default).
+LongLM's README picks G per target length: ``group_size="auto"`` takes the smallest G whose usable
+length covers the current keys, ceil((n - window) / (L - window)). While no query is ``window`` or
+more past a key, every pair is a neighbour and dense attention runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,16 @@ from torch import Tensor
 from .. import kernels
 from ..positions import Rope
 from .core import Logits, Positions, Tile, blocked_attention, dot, require_rope, rotate_keys
+from .dense import dense
+
+AUTO = "auto"
+
+
+def auto_group(length: int, train_length: int, window: int) -> int:
+    """The smallest group size G with (L - window) * G + window >= ``length`` (at least 1)."""
+    if window >= train_length:
+        raise ValueError(f"self_extend: window ({window}) must be below train_length ({train_length})")
+    return max(1, -(-(length - window) // (train_length - window)))
 
 
 def _self_extend_logits(rope: Rope, scale: float, group: int, window: int) -> Logits:
@@ -36,7 +49,7 @@ def self_extend(
     rope: Rope | None,
     scale: float | None = None,
     train_length: int = 4096,
-    group_size: int = 8,
+    group_size: int | str = 8,
     window: int | None = None,
     block_size: int = 64,
 ) -> Tensor:
@@ -44,6 +57,10 @@ def self_extend(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     window = train_length // 4 if window is None else window
     rope = require_rope(rope, "self_extend")
+    if int(positions.query.max() - positions.key.min()) < window:
+        return dense(q, k, v, positions=positions, rope=rope, scale=scale)
+    if group_size == AUTO:
+        group_size = auto_group(int(positions.key.max()) + 1, train_length, window)
     if kernels.use_kernel(q, positions, block_size):
         grouped_q = positions.query // group_size + window - window // group_size
         return kernels.framed_attention(

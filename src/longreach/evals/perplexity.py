@@ -13,22 +13,21 @@ from collections.abc import Sequence
 import torch
 
 from ..loss import token_losses
-from .prompts import encode
+from .prompts import DOCUMENT_SEPARATOR, encode
 from .retrieval import Progress, check_token_ids
 
 
 def segments(tokenizer, texts: Sequence[str], length: int, samples: int) -> torch.Tensor:
-    """Up to ``samples`` disjoint segments of ``length`` tokens cut from the documents, round-robin: (n, length)."""
-    docs = [encode(tokenizer, text) for text in texts]
-    per_doc = [[doc[i:i + length] for i in range(0, len(doc) - length + 1, length)] for doc in docs]
-    chosen = []
-    for rank in range(max(map(len, per_doc), default=0)):
-        chosen += [segs[rank] for segs in per_doc if rank < len(segs)]
-    chosen = chosen[:samples]
-    if not chosen:
-        longest = max(map(len, docs), default=0)
-        raise ValueError(f"no document holds {length} tokens (the longest holds {longest}): lower the lengths")
-    return torch.tensor(chosen)
+    """Up to ``samples`` disjoint segments of ``length`` tokens, evenly spaced along the documents joined in
+    their order (so a length may exceed any one document): (n, length)."""
+    separator = encode(tokenizer, DOCUMENT_SEPARATOR)
+    stream = [token for text in texts for token in (*encode(tokenizer, text), *separator)]
+    count = min(samples, len(stream) // length)
+    if count == 0:
+        raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one segment of {length}: "
+                         "lower the lengths or pass more text")
+    stride = len(stream) // count
+    return torch.tensor([stream[i * stride:i * stride + length] for i in range(count)])
 
 
 @torch.no_grad()

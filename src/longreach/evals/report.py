@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,7 +48,9 @@ def _heatmaps(records: list[dict], title: str, columns: int = 5):
     depths = sorted({r["depth"] for r in records})
     ncols = min(columns, len(setups))
     nrows = -(-len(setups) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(0.6 + 0.45 * len(lengths) * ncols, 0.4 + 2.6 * nrows),
+    # Panels keep a readable size however few lengths or depths the grid has.
+    width, height = max(2.0, 0.5 * len(lengths)), max(1.4, 0.35 * len(depths) + 0.9)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 + width * ncols, 0.8 + height * nrows),
                              squeeze=False, sharey=True, constrained_layout=True)
     lookup = {(r["setup"], r["length"], r["depth"]): r["accuracy"] for r in records}
     for ax in axes.flat[len(setups):]:
@@ -55,6 +58,10 @@ def _heatmaps(records: list[dict], title: str, columns: int = 5):
     for ax, setup in zip(axes.flat, setups, strict=False):
         grid = [[lookup.get((setup, n, d), float("nan")) for n in lengths] for d in depths]
         image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+        if len(lengths) * len(depths) <= 60:
+            for (row, col), accuracy in np.ndenumerate(np.array(grid)):
+                if accuracy == accuracy:
+                    ax.text(col, row, f"{accuracy:.2f}", ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths],
                       rotation=45)
         ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -71,6 +72,7 @@ def evaluate(model, tokenizer, make_prompt: MakePrompt, lengths: Sequence[int], 
     records = []
     for (length, depth), prompts in cells.items():
         correct = 0
+        clock = CellClock(device)
         for start in range(0, trials, batch_size):
             batch = prompts[start:start + batch_size]
             ids = torch.tensor([p.ids for p in batch], device=device)
@@ -80,16 +82,44 @@ def evaluate(model, tokenizer, make_prompt: MakePrompt, lengths: Sequence[int], 
             if progress is not None:
                 progress(len(batch))
         records.append({"length": length, "depth": depth, "trials": trials, "correct": correct,
-                        "accuracy": correct / trials})
+                        "accuracy": correct / trials, **clock.read(trials)})
     return records
 
 
-def haystack_ids(documents: Sequence[list[int]], length: int, rng: random.Random) -> list[int]:
-    """``length`` tokens of real text from a random place in a random document long enough to hold them."""
-    long = [doc for doc in documents if len(doc) >= length]
-    if not long:
-        longest = max((len(doc) for doc in documents), default=0)
-        raise ValueError(f"no haystack document holds {length} tokens (the longest holds {longest})")
-    chosen = rng.choice(long)
-    start = rng.randint(0, len(chosen) - length)
-    return chosen[start:start + length]
+class CellClock:
+    """Wall time per trial of a cell and, on CUDA, the cell's peak allocated memory."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device, self.start = device, time.perf_counter()
+
+    def read(self, trials: int) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.cuda else None
+        return {"seconds_per_trial": (time.perf_counter() - self.start) / trials, "peak_gib": peak}
+
+
+def haystack_ids(documents: Sequence[list[int]], length: int, rng: random.Random,
+                 separator: Sequence[int] = ()) -> list[int]:
+    """``length`` tokens of real text, as NIAH/RULER build long haystacks from many essays: the documents
+    in a random order, joined by ``separator``, read from a random place and round the end back to the
+    start, so no token repeats while ``length`` is at most the texts' total."""
+    total = sum(len(doc) for doc in documents) + len(separator) * len(documents)
+    if length > total:
+        raise ValueError(f"the haystack texts hold {total} tokens, fewer than the {length} asked for: "
+                         "pass more text (needle's texts=, the CLI's --text)")
+    order = list(documents)
+    rng.shuffle(order)
+    start, index, out = rng.randrange(total), 0, []
+    while start >= len(order[index]) + len(separator):  # only the documents read are copied
+        start -= len(order[index]) + len(separator)
+        index += 1
+    while len(out) < length:
+        piece = [*order[index], *separator]
+        out += piece[start:start + length - len(out)]
+        start, index = 0, (index + 1) % len(order)
+    return out

@@ -36,6 +36,16 @@ def heldout_texts() -> tuple[str, ...]:
     return tuple(doc["text"] for doc in read(WEIGHTS / "evaluation.jsonl.xz"))
 
 
+@cache
+def haystack_texts() -> tuple[str, ...]:
+    """:func:`heldout_texts` and 170 more held-out documents of the corpus (``weights/haystack.jsonl.xz``,
+    cut by ``corpus.write_haystack_set``; ``weights/haystack_manifest.json`` names the package versions):
+    1.36M SmolLM2 tokens in all, so a needle haystack of a million tokens repeats no text."""
+    from .corpus import read
+
+    return heldout_texts() + tuple(doc["text"] for doc in read(WEIGHTS / "haystack.jsonl.xz"))
+
+
 def training_record() -> dict:
     """What ``train.py`` recorded when it trained the shipped weights."""
     return json.loads((WEIGHTS / "training.json").read_text())

@@ -4,7 +4,8 @@ Run ``python -m longreach.reference_model.corpus OUT_DIR`` after
 ``apt-get install linux-doc-6.1 python3.11-doc dict-gcide debian-reference-en`` (the Python standard
 library comes with ``libpython3.11-stdlib``). It writes ``train.jsonl.xz`` and ``heldout.jsonl.xz``
 (one ``{"source", "name", "text"}`` document per line), ``manifest.json`` (package versions,
-licences, counts) and ``evaluation.jsonl.xz`` (long held-out documents, shipped in the package).
+licences, counts), ``evaluation.jsonl.xz`` (long held-out documents, shipped in the package) and
+``haystack.jsonl.xz`` (more held-out documents, shipped too, for haystacks of a million tokens).
 Documents are kept whole; the split is a hash of the document name.
 """
 
@@ -152,6 +153,25 @@ def write_evaluation_set(corpus: Path, out: Path, per_source: int = 2) -> list[s
     return names
 
 
+def write_haystack_set(corpus: Path, out: Path, shipped: Path, dictionary_chunks: int = 3) -> int:
+    """Copy every held-out document that ``shipped`` (the evaluation set) lacks to ``out``, except that the
+    dictionary, which is most of the held-out text and the least like prose, gives only its first
+    ``dictionary_chunks`` chunks. Returns the characters written (with ``shipped``'s, some 1.2M SmolLM2 tokens)."""
+    names = {(doc["source"], doc["name"]) for doc in read(shipped)}
+    written, chunks = 0, 0
+    with lzma.open(out, "wt") as sink:
+        for doc in read(corpus / "heldout.jsonl.xz"):
+            if (doc["source"], doc["name"]) in names:
+                continue
+            if doc["source"] == "gcide":
+                if chunks == dictionary_chunks:
+                    continue
+                chunks += 1
+            written += len(doc["text"])
+            sink.write(json.dumps(doc) + "\n")
+    return written
+
+
 def read(path: Path) -> Iterator[dict]:
     """Iterate over the documents of a ``*.jsonl.xz`` split."""
     with lzma.open(path, "rt") as lines:
@@ -164,3 +184,5 @@ if __name__ == "__main__":
         raise SystemExit("usage: python -m longreach.reference_model.corpus OUT_DIR")
     print(json.dumps(build(Path(sys.argv[1])), indent=2))
     print(write_evaluation_set(Path(sys.argv[1]), Path(sys.argv[1]) / "evaluation.jsonl.xz"))
+    print(write_haystack_set(Path(sys.argv[1]), Path(sys.argv[1]) / "haystack.jsonl.xz",
+                             Path(sys.argv[1]) / "evaluation.jsonl.xz"), "haystack characters")

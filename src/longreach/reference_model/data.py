@@ -25,9 +25,10 @@ class Batches:
         self.rng = random.Random(seed)
         self.shortest = 8 + max(
             prompts.fixed_size(tokenizer, prompts.PASSKEY_INTRO, prompts.PASSKEY_NEEDLE.format(key="00000"),
-                               prompts.PASSKEY_QUESTION),
+                               prompts.PASSKEY_QUESTION, prompts.PASSKEY_LEAD),
             prompts.fixed_size(tokenizer, prompts.NEEDLE_INTRO, prompts.NEEDLE_SENTENCE.format(name="Lisbon",
-                               key="0000000"), prompts.NEEDLE_QUESTION.format(name="Lisbon")))
+                               key="0000000"), prompts.NEEDLE_QUESTION.format(name="Lisbon"),
+                               prompts.NEEDLE_LEAD.format(name="Lisbon")))
 
     def window(self, size: int) -> list[int]:
         start = self.rng.randrange(0, len(self.stream) - size)

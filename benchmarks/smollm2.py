@@ -1,0 +1,107 @@
+"""Retrieval and perplexity of a real pretrained model (default SmolLM2-135M-Instruct, trained at 8K) under
+longreach's training-free setups, at lengths from 2K to 1M tokens.
+
+Run on the device, e.g.:
+``python benchmarks/smollm2.py passkey OUT --lengths 2k,8k,32k,128k --setups baseline,yarn,dca --trials 4``
+
+Each length gets its own rescaling factor (max(1, ceil(length / trained length))), as a user extending to
+that length would pick. A setup is ``name`` or ``name:key=value,key=value`` (method or scheme options,
+e.g. ``select_merge:top_k=16`` or ``self_extend:group_size=auto``). ``--trials`` counts prompts per
+(length, depth); a setup that scores 0 at two lengths in a row is not run at longer ones. Records (the
+evaluations' own, with ``model``, ``setup``, ``factor`` and ``options``) are written to ``OUT/<eval>.json``
+after every cell, so a run cut short keeps what it measured; ``OUT/<eval>.png`` is drawn at the end.
+``--budget`` seconds stops before a cell would start past it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from longreach.cli import DTYPES, parse_lengths, parse_options
+from longreach.evals import needle, passkey, perplexity, report, setups
+from longreach.pretrained import load_pretrained
+from longreach.reference_model import haystack_texts
+
+
+def parse_setup(spec: str) -> tuple[str, dict]:
+    name, _, options = spec.partition(":")
+    return name, parse_options(tuple(options.split(","))) if options else {}
+
+
+def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict]:
+    depths = [float(d) for d in args.depths.split(",")]
+    if kind == "passkey":
+        return passkey(model, tokenizer, [length], depths, trials=args.trials, batch_size=args.batch_size,
+                       chat=args.chat)
+    if kind == "needle":
+        return needle(model, tokenizer, [length], depths, texts=texts, trials=args.trials,
+                      batch_size=args.batch_size, chat=args.chat)
+    return perplexity(model, tokenizer, [length], texts=texts, window=args.window, samples=args.samples)
+
+
+def scored_zero(records: list[dict]) -> bool:
+    return all(r.get("accuracy", 1.0) == 0.0 for r in records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("eval", choices=("passkey", "needle", "perplexity"))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--lengths", default="2k,8k,32k,128k")
+    parser.add_argument("--setups", default="baseline,yarn,dca,self_extend,select_merge")
+    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--trials", type=int, default=4, help="prompts per (length, depth)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--chat", action="store_true")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--budget", type=float, default=math.inf, help="seconds; no cell starts after them")
+    args = parser.parse_args()
+
+    started = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=device)
+    texts = haystack_texts()
+    trained = model.config.max_position_embeddings
+    path = args.out / f"{args.eval}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "dtype": args.dtype, "command": args.eval, "chat": args.chat}
+    records: list[dict] = json.loads(path.read_text())["records"] if path.exists() else []
+    zeros: dict[str, int] = {}
+    for length in parse_lengths(args.lengths):
+        factor = float(max(1, math.ceil(length / trained)))
+        for spec in args.setups.split(","):
+            if zeros.get(spec, 0) >= 2 or time.time() - started > args.budget:
+                continue
+            name, options = parse_setup(spec)
+            config = setups.apply(model, name, factor=factor, lengths=[length], options=options)
+            try:
+                cell = run_cell(args.eval, model, tokenizer, length, args, texts)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                cell = [{"length": length, "error": "out of memory"}]
+            zeros[spec] = zeros.get(spec, 0) + 1 if scored_zero(cell) else 0
+            records += [{"model": args.model, "setup": spec, "factor": config.get("factor"), "options": options,
+                         **r} for r in cell]
+            path.write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+            summary = [r.get("accuracy", r.get("perplexity", r.get("error"))) for r in cell]
+            print(f"{spec:<32} {length:>8} factor {config.get('factor')}: {summary} "
+                  f"({cell[0].get('seconds_per_trial', 0):.2f} s/trial, peak {cell[0].get('peak_gib')} GiB)",
+                  flush=True)
+    done = [r for r in records if "error" not in r]
+    if done:
+        report.plot(args.eval, [{**r, "setup": r["setup"]} for r in done], args.out / f"{args.eval}.png")
+        print(report.table(args.eval, done))
+
+
+if __name__ == "__main__":
+    main()
