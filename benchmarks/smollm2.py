@@ -7,7 +7,8 @@ Run on the device, e.g.:
 Each length gets its own rescaling factor (max(1, ceil(length / trained length))), as a user extending to
 that length would pick. A setup is ``name`` or ``name:key=value,key=value`` (method or scheme options,
 e.g. ``select_merge:top_k=16`` or ``self_extend:group_size=auto``). ``--trials`` counts prompts per
-(length, depth); a setup that scores 0 at two lengths in a row is not run at longer ones. Records (the
+(length, depth) (``--long-trials`` past ``--long-from`` tokens); a setup that scores 0 at two lengths in a
+row is not run at longer ones, and a rescaling scheme is skipped where its factor is 1 (the baseline). Records (the
 evaluations' own, with ``model``, ``setup``, ``factor`` and ``options``) are written to ``OUT/<eval>.json``
 after every cell, so a run cut short keeps what it measured; ``OUT/<eval>.png`` is drawn at the end.
 ``--budget`` seconds stops before a cell would start past it.
@@ -36,12 +37,12 @@ def parse_setup(spec: str) -> tuple[str, dict]:
 
 def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict]:
     depths = [float(d) for d in args.depths.split(",")]
+    trials = args.long_trials if length > args.long_from else args.trials
     if kind == "passkey":
-        return passkey(model, tokenizer, [length], depths, trials=args.trials, batch_size=args.batch_size,
-                       chat=args.chat)
+        return passkey(model, tokenizer, [length], depths, trials=trials, batch_size=args.batch_size, chat=args.chat)
     if kind == "needle":
-        return needle(model, tokenizer, [length], depths, texts=texts, trials=args.trials,
-                      batch_size=args.batch_size, chat=args.chat)
+        return needle(model, tokenizer, [length], depths, texts=texts, trials=trials, batch_size=args.batch_size,
+                      chat=args.chat)
     return perplexity(model, tokenizer, [length], texts=texts, window=args.window, samples=args.samples)
 
 
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--setups", default="baseline,yarn,dca,self_extend,select_merge")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--trials", type=int, default=4, help="prompts per (length, depth)")
+    parser.add_argument("--long-trials", type=int, default=2, help="prompts per (length, depth) past --long-from")
+    parser.add_argument("--long-from", type=int, default=32768)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--samples", type=int, default=4)
@@ -83,6 +86,8 @@ def main() -> None:
             if zeros.get(spec, 0) >= 2 or time.time() - started > args.budget:
                 continue
             name, options = parse_setup(spec)
+            if "position" in setups.parse(name) and factor == 1.0 and name != "truncated":
+                continue  # a scheme at factor 1 is the model's own RoPE: the baseline's row
             config = setups.apply(model, name, factor=factor, lengths=[length], options=options)
             try:
                 cell = run_cell(args.eval, model, tokenizer, length, args, texts)
