@@ -5,7 +5,7 @@ Run on the device, e.g.:
 ``python benchmarks/smollm2.py passkey OUT --lengths 2k,8k,32k,128k --setups baseline,yarn,dca --trials 4``
 
 Each length gets its own rescaling factor (max(1, ceil(length / trained length))), as a user extending to
-that length would pick. A setup is ``name`` or ``name:key=value,key=value`` (method or scheme options,
+that length would pick. A setup is ``name`` or ``name:key=value/key=value`` (method or scheme options,
 e.g. ``select_merge:top_k=16`` or ``self_extend:group_size=auto``). ``--trials`` counts prompts per
 (length, depth) (``--long-trials`` past ``--long-from`` tokens); a setup that scores 0 at two lengths in a
 row is not run at longer ones, and a rescaling scheme is skipped where its factor is 1 (the baseline). Records (the
@@ -32,7 +32,7 @@ from longreach.reference_model import haystack_texts
 
 def parse_setup(spec: str) -> tuple[str, dict]:
     name, _, options = spec.partition(":")
-    return name, parse_options(tuple(options.split(","))) if options else {}
+    return name, parse_options(tuple(options.split("/"))) if options else {}
 
 
 def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict]:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -191,3 +193,30 @@ def test_shape_errors():
     q, k, v = tensors((1, 3, 2, 10, 10, 16))
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         run("sinks", q, k, v, None)
+
+
+@pytest.mark.parametrize("k_len,train_length", [(200, 64), (200, 199), (200, 200), (64, 500)])
+def test_dca_mscale_is_chunkllamas_temperature_beyond_the_trained_length(k_len, train_length):
+    q, k, v = tensors((1, 4, 2, k_len, k_len, 16))
+    rope = rope_for(16)
+    opts = dict(chunk_size=40, local_window=5, block_size=32, train_length=train_length)
+    out = run("dca", q, k, v, rope, mscale=True, **opts)
+    scale = 16 ** -0.5
+    if k_len > train_length:  # ChunkLlama multiplies cos and sin of q and k by 0.05 ln(n / L) + 1
+        scale *= (0.05 * math.log(k_len / train_length) + 1) ** 2
+    torch.testing.assert_close(out, ref.dca(q, k, v, rope, scale, 40, 5), **TOL)
+    assert not torch.allclose(out, run("dca", q, k, v, rope, mscale=False, **opts)) or k_len <= train_length
+
+
+@pytest.mark.parametrize("k_len,expected_group", [(100, 1), (160, 1), (161, 2), (300, 3), (1000, 8), (1001, 9)])
+def test_self_extend_auto_group_covers_the_length(k_len, expected_group):
+    from longreach.attention.self_extend import auto_group
+
+    train_length, window = 160, 40
+    assert auto_group(k_len, train_length, window) == expected_group
+    assert (train_length - window) * expected_group + window >= k_len
+    q, k, v = tensors((1, 2, 1, k_len, k_len, 16))
+    rope = rope_for(16)
+    opts = dict(train_length=train_length, window=window, block_size=32)
+    torch.testing.assert_close(run("self_extend", q, k, v, rope, group_size="auto", **opts),
+                               ref.self_extend(q, k, v, rope, 16 ** -0.5, expected_group, window), **TOL)

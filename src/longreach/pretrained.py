@@ -148,8 +148,8 @@ def load_pretrained(spec: str | Path = "reference", *, dtype: torch.dtype = torc
         where = source.folder / (source.gguf_file or "")
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"model {str(where)!r} could not be loaded: {first}") from None
-    if source.gguf_file is not None:
-        # transformers keeps the GGUF provenance in the config, and with it refuses save_pretrained.
+    if getattr(model.config, "quantization_config", None) is not None:
+        # Newer transformers keep the GGUF provenance in the config, and with it refuse save_pretrained.
         del model.config.quantization_config
         model.hf_quantizer = None
     return model.to(device).eval(), tokenizer
