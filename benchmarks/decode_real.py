@@ -33,7 +33,7 @@ from longreach.reference_model import haystack_texts
 
 
 def needle_prompt(tokenizer, length: int, seed: int) -> prompts.Prompt:
-    documents = [prompts.encode(tokenizer, text) for text in haystack_texts()]
+    documents = prompts.encode_documents(tokenizer, haystack_texts())
     separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)
     rng = random.Random(seed)
     return prompts.needle(tokenizer, length, 0.5, rng, haystack_ids(documents, length, rng, separator))

@@ -15,7 +15,7 @@ def needle(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], *,
     """Records as :func:`~longreach.evals.passkey.passkey`; each prompt's haystack is real text from ``texts``
     (held-out documents: ``longreach.reference_model.heldout_texts()``), joined in a random order and read
     from a random place (:func:`~longreach.evals.retrieval.haystack_ids`), so any length up to their total works."""
-    documents = [prompts.encode(tokenizer, text) for text in texts]
+    documents = prompts.encode_documents(tokenizer, tuple(texts))
     separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)
 
     def make(length: int, depth: float, rng: random.Random) -> prompts.Prompt:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..loss import token_losses
-from .prompts import DOCUMENT_SEPARATOR, encode
+from .prompts import DOCUMENT_SEPARATOR, encode, encode_documents
 from .retrieval import Progress, check_token_ids
 
 
@@ -21,7 +21,7 @@ def segments(tokenizer, texts: Sequence[str], length: int, samples: int) -> torc
     """Up to ``samples`` disjoint segments of ``length`` tokens, evenly spaced along the documents joined in
     their order (so a length may exceed any one document): (n, length)."""
     separator = encode(tokenizer, DOCUMENT_SEPARATOR)
-    stream = [token for text in texts for token in (*encode(tokenizer, text), *separator)]
+    stream = [token for doc in encode_documents(tokenizer, tuple(texts)) for token in (*doc, *separator)]
     count = min(samples, len(stream) // length)
     if count == 0:
         raise ValueError(f"the texts hold {len(stream)} tokens, fewer than one segment of {length}: "
