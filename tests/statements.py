@@ -101,8 +101,19 @@ def softplus(q, k, v, rope, scale, train_length, power):
     return pair_attention(q, k, v, rope, scale, j <= i, i + 0 * j, j + 0 * i, weights)
 
 
-def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode):
-    """Brute force: explicit block means, scores, top-k and merged positions, in loops."""
+def block_score(qb, keys, score, part):
+    """One query summary against one key block (rows, d): its mean key, Quest's per-channel bound, or
+    the best of the means of its parts of ``part`` rows."""
+    if score == "mean":
+        return float(qb @ keys.mean(0))
+    if score == "minmax":
+        return sum(max(float(qb[c] * keys[:, c].min()), float(qb[c] * keys[:, c].max())) for c in range(len(qb)))
+    return max(float(qb @ keys[lo:lo + part].mean(0)) for lo in range(0, len(keys), part))
+
+
+def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="mean", query_rows=None,
+                 per_head=False, representatives=4):
+    """Brute force: explicit block summaries, scores, top-k and merged positions, in loops."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     group = h // hk
@@ -113,24 +124,26 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode):
     qp = (i + 0 * j).expand(b, h, lq, lk).clone()
     kp = (j + 0 * i).expand(b, h, lq, lk).clone()
     for bi in range(b):
-        for g in range(hk):
-            kbar = [k[bi, g, jb * block:(jb + 1) * block].mean(0) for jb in range(n_blocks)]
+        for hh in range(h):
+            g = hh // group
+            voters = [hh] if per_head else list(range(g * group, (g + 1) * group))
+            key_blocks = [k[bi, g, jb * block:(jb + 1) * block] for jb in range(n_blocks)]
             for ib in range(first // block, n_blocks):
                 rows = [r for r in range(ib * block, (ib + 1) * block) if first <= r < lk]
-                qbars = [q[bi, g * group + m, [r - first for r in rows]].mean(0) for m in range(group)]
+                summary_rows = rows if query_rows is None else rows[-query_rows:]
+                qbars = [q[bi, m, [r - first for r in summary_rows]].mean(0) for m in voters]
                 forced = {jb for jb in range(ib + 1) if jb < sink or jb >= ib - local}
                 others = [jb for jb in range(ib + 1) if jb not in forced]
-                score = {jb: sum(float(qb @ kbar[jb]) for qb in qbars) / group / math.sqrt(d) for jb in others}
-                kept = forced | set(sorted(others, key=lambda jb: -score[jb])[:top_k])
+                score_of = {jb: sum(block_score(qb, key_blocks[jb], score, block // representatives) for qb in qbars)
+                            / len(qbars) / math.sqrt(d) for jb in others}
+                kept = forced | set(sorted(others, key=lambda jb: -score_of[jb])[:top_k])
                 merged = [t for jb in sorted(kept) for t in range(jb * block, min((jb + 1) * block, lk))]
                 rank = {t: n for n, t in enumerate(merged)}
                 for r in rows:
-                    for m in range(group):
-                        hh = g * group + m
-                        for t in merged:
-                            if t <= r:
-                                mask[bi, hh, r - first, t] = True
-                        if mode == "selected":
-                            qp[bi, hh, r - first, :] = rank[r]
-                            kp[bi, hh, r - first, merged] = torch.tensor([rank[t] for t in merged])
+                    for t in merged:
+                        if t <= r:
+                            mask[bi, hh, r - first, t] = True
+                    if mode == "selected":
+                        qp[bi, hh, r - first, :] = rank[r]
+                        kp[bi, hh, r - first, merged] = torch.tensor([rank[t] for t in merged])
     return pair_attention(q, k, v, rope, scale, mask, qp, kp)

@@ -54,6 +54,34 @@ def test_select_merge_statement(shape, block, top_k, local, sink, mode):
 
 
 @SETTINGS
+@given(shapes(), st.sampled_from([8, 16]), st.integers(1, 3), st.sampled_from(["mean", "minmax", "representatives"]),
+       st.sampled_from([None, 1, 3]), st.booleans(), st.sampled_from([2, 4]))
+def test_select_merge_selection_options_statement(shape, block, top_k, score, query_rows, per_head, representatives):
+    q, k, v = tensors(shape)
+    rope = rope_for(q.shape[-1])
+    opts = dict(block_size=block, top_k=top_k, local=0, sink=1, score=score, query_rows=query_rows, per_head=per_head,
+                representatives=representatives)
+    out = run("select_merge", q, k, v, rope, **opts)
+    expected = ref.select_merge(q, k, v, rope, q.shape[-1] ** -0.5, block, top_k, 0, 1, "selected", score=score,
+                                query_rows=query_rows, per_head=per_head, representatives=representatives)
+    torch.testing.assert_close(out, expected, **TOL)
+
+
+@pytest.mark.parametrize("train_length", [40, 64, 1000])
+def test_select_merge_keeps_merged_positions_inside_the_trained_window(train_length):
+    q, k, v = tensors((1, 4, 2, 70, 70, 16))
+    rope = rope_for(16)
+    opts = dict(block_size=8, top_k=4, local=2, sink=1)  # merged span (1 + 4 + 2 + 1) * 8 = 64 positions
+    out = run("select_merge", q, k, v, rope, train_length=train_length, **opts)
+    inside = Rope(rope.inv_freq * min(1.0, train_length / 64), rope.scaling)
+    expected = ref.select_merge(q, k, v, inside, 16**-0.5, 8, 4, 2, 1, "selected")
+    torch.testing.assert_close(out, expected, **TOL)
+    if train_length < 64:
+        unbounded = ref.select_merge(q, k, v, rope, 16**-0.5, 8, 4, 2, 1, "selected")
+        assert (out - unbounded).abs().max() > 1e-3
+
+
+@SETTINGS
 @given(shapes(), st.integers(2, 80), st.booleans(), st.integers(0, 6), st.sampled_from(["s2", "sf"]))
 def test_s2_sf_statement(shape, group, shift, sink, name):
     q, k, v = tensors(shape)

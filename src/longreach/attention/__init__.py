@@ -15,7 +15,7 @@ from typing import Any
 from .chunked import dca
 from .core import Positions
 from .dense import dense
-from .select_merge import select_merge
+from .select_merge import SCORES, select_merge
 from .self_extend import AUTO, self_extend
 from .shifted import s2, sf
 from .sinks import sinks
@@ -78,7 +78,9 @@ METHODS: dict[str, Method] = {
             "select_merge",
             select_merge,
             {**BLOCK, "top_k": _int(0), "local": _int(0), "sink": _int(0),
-             "position_mode": Option(str, choices=("selected", "absolute"))},
+             "position_mode": Option(str, choices=("selected", "absolute")), "score": Option(str, choices=SCORES),
+             "query_rows": _int(1, optional=True), "per_head": Option(bool), "representatives": _int(1),
+             "train_length": _int(2, optional=True)},
             "correlation-aware select-and-merge block-sparse attention",
         ),
         Method("s2", s2, {**BLOCK, "group_size": _int(2, optional=True), "shift": Option(bool)},

@@ -7,14 +7,17 @@ longreach's definition of the parts the paper's text did not settle (each an opt
 - blocks of ``block_size`` B = 64 tokens, the last one ragged;
 - correlation of query block i and key block j is qbar_i . kbar_j / sqrt(d), the means of the
   un-rotated vectors, averaged over the query heads of a kv group (so a group shares its
-  selection), causal (j <= i);
+  selection), causal (j <= i); options score key blocks by Quest's per-channel bound
+  (``score="minmax"``) or by their best part mean (``score="representatives"``), summarise a query
+  block by its last ``query_rows`` rows, and select per query head (``per_head``);
 - each query block keeps its ``top_k`` best key blocks plus its own block, the ``local`` blocks
   before it and the first ``sink`` blocks;
 - merge: the kept blocks, in original order, form one sequence attended with one softmax
   (causal inside the diagonal block): O(L (top_k + local + sink + 1) B) work, O(L) memory;
 - ``positions="selected"``: merged keys get rotary positions 0..m-1 in merged order and each
   query the position of its own key, so no relative distance exceeds the merged length;
-  ``positions="absolute"`` keeps the model's own positions.
+  ``positions="absolute"`` keeps the model's own positions. A merged span longer than the model's
+  ``train_length`` has its merged positions linearly interpolated into that length.
 In decoding the query-block mean is over the query rows present in the call.
 """
 
@@ -38,56 +41,120 @@ from .core import (
     tile_budget,
 )
 
+SCORES = ("mean", "minmax", "representatives")
 
-def block_means(x: Tensor, block: int, first: int = 0) -> Tensor:
+
+def block_means(x: Tensor, block: int, first: int = 0, last_rows: int | None = None) -> Tensor:
     """Mean of x (b, h, L, d) over blocks of the index grid; row t has index first + t.
 
     Returns (b, h, n_blocks, d) for the blocks from first // block to the last; partial blocks
-    average the rows they hold.
+    average the rows they hold, and with ``last_rows`` only the last ``last_rows`` rows each block holds.
     """
     b, h, length, d = x.shape
     lead, tail = first % block, -(first + length) % block
     acc = torch.promote_types(x.dtype, torch.float32)
+    slot = torch.arange(lead + length + tail, device=x.device)
+    weight = (slot >= lead) & (slot < lead + length)
+    if last_rows is not None:
+        block_last = ((slot // block + 1) * block).clamp_max(lead + length) - 1
+        weight &= block_last - slot < last_rows
+        x = x * weight[lead : lead + length, None].to(x.dtype)
     padded = x if not (lead or tail) else torch.cat([x.new_zeros(b, h, lead, d), x, x.new_zeros(b, h, tail, d)], 2)
     sums = padded.view(b, h, -1, block, d).sum(3, dtype=acc)
-    counts = torch.zeros(lead + length + tail, device=x.device, dtype=acc)
-    counts[lead : lead + length] = 1
-    return sums / counts.view(-1, block).sum(1).clamp_min(1)[:, None]
+    return sums / weight.to(acc).view(-1, block).sum(1).clamp_min(1)[:, None]
 
 
-def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int) -> Tensor:
-    """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending, shared per kv group.
+def _padded_blocks(x: Tensor, block: int, fill: float) -> Tensor:
+    """x (b, h, L, d) as (b, h, n_blocks, block, d), the last block filled up with ``fill``."""
+    tail = -x.shape[2] % block
+    if tail:
+        x = torch.cat([x, x.new_full((*x.shape[:2], tail, x.shape[3]), fill)], 2)
+    return x.view(*x.shape[:2], -1, block, x.shape[3])
 
-    q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. The
-    correlation scores are formed for a bounded number of query blocks at a time, so memory stays
-    O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
+
+def key_summary(k: Tensor, block: int, score: str, representatives: int) -> tuple[Tensor, ...]:
+    """What ``score`` keeps of each key block of k (b, h_kv, Lk, d), each (b, h_kv, 1, n, d): the mean key
+    (``mean``), the per-channel maximum and minimum (``minmax``), or the means of the block's
+    ``representatives`` equal parts, n = n_blocks * representatives (``representatives``)."""
+    if score == "mean":
+        return (block_means(k, block)[:, :, None],)
+    if score == "minmax":
+        kf = k.float() if k.dtype in (torch.float16, torch.bfloat16) else k
+        return (_padded_blocks(kf, block, float("-inf")).amax(3)[:, :, None],
+                _padded_blocks(kf, block, float("inf")).amin(3)[:, :, None])
+    if block % representatives:
+        raise ValueError(f"select_merge: block_size {block} must be a multiple of representatives {representatives}")
+    return (block_means(k, block // representatives)[:, :, None],)
+
+
+def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, representatives: int) -> Tensor:
+    """Scores (b, h_kv, g, nq, n_blocks) of query summaries q_bar (b, h_kv, g, nq, d) against
+    :func:`key_summary`'s, divided by sqrt(d):
+    - ``mean``: q_bar . kbar_j, the block's mean key;
+    - ``minmax``: Quest's bound sum_c max(q_c min_c, q_c max_c) over the block's per-channel extremes;
+    - ``representatives``: the best q_bar . r over the means r of the block's equal parts (a few
+      representative keys per block, as InfLLM scores its memory units by its representative tokens).
+    """
+    scale = q_bar.shape[-1] ** -0.5
+    if score == "minmax":
+        top, low = summary
+        qf = q_bar.to(top.dtype)
+        return (qf.clamp_min(0) @ top.transpose(-1, -2) + qf.clamp_max(0) @ low.transpose(-1, -2)) * scale
+    scores = q_bar @ summary[0].transpose(-1, -2).to(q_bar.dtype) * scale
+    if score == "mean":
+        return scores
+    missing = n_blocks * representatives - scores.shape[-1]
+    scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], missing), float("-inf"))], -1)
+    return scores.view(*scores.shape[:-1], n_blocks, representatives).amax(-1)
+
+
+def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
+                  query_rows: int | None = None, per_head: bool = False, representatives: int = 4) -> Tensor:
+    """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending.
+
+    q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. Each query
+    block is summarised by the mean of its rows (its last ``query_rows`` rows, if given) and scores the
+    key blocks by :func:`block_scores`; the query heads of a kv group share one selection by the mean of
+    their scores unless ``per_head``. Scores are formed for a bounded number of query blocks at a time,
+    so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
     """
     group = check_shapes(q, k, k)
     b, h, q_len, d = q.shape
-    first = k.shape[2] - q_len
-    q_means = block_means(q, block_size, first).view(b, k.shape[1], group, -1, d).mean(2)
-    k_means = block_means(k, block_size)
-    n_q, n_k = q_means.shape[2], k_means.shape[2]
+    h_kv, first = k.shape[1], k.shape[2] - q_len
+    q_bar = block_means(q, block_size, first, query_rows).view(b, h_kv, group, -1, d)
+    n_q, n_k = q_bar.shape[3], -(-k.shape[2] // block_size)
+    heads = h if per_head else h_kv
     device = q.device
     q_block = torch.arange(first // block_size, first // block_size + n_q, device=device)[:, None]
     sinks = torch.arange(sink, device=device).expand(n_q, sink)
     sinks = torch.where(sinks <= q_block, sinks, n_k)
     near = q_block - torch.arange(local, -1, -1, device=device)
     near = torch.where((near >= sink) & (near >= 0), near, n_k)
-    picked = torch.full((b, k.shape[1], n_q, top_k), n_k, dtype=torch.long, device=device)
+    picked = torch.full((b, heads, n_q, top_k), n_k, dtype=torch.long, device=device)
     take = min(top_k, n_k)
-    rows = max(1, tile_budget(q.device) // max(1, b * k.shape[1] * n_k))
+    width = n_k * (representatives if score == "representatives" else 1)
+    rows = max(1, tile_budget(q.device) // max(1, b * h * width))
     key_block = torch.arange(n_k, device=device)
+    summary = key_summary(k, block_size, score, representatives)
     for lo in range(0, n_q if take else 0, rows):
         qb = q_block[lo : lo + rows]
         candidate = (key_block >= sink) & (key_block < qb - local)
-        scores = (q_means[:, :, lo : lo + rows] @ k_means.transpose(-1, -2)) / d**0.5
+        scores = block_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, representatives)
+        scores = scores.flatten(1, 2) if per_head else scores.mean(2)
         best = scores.masked_fill(~candidate, float("-inf")).topk(take, dim=-1)
         picked[:, :, lo : lo + rows, :take] = torch.where(torch.isfinite(best.values), best.indices, n_k)
-    forced = torch.cat([sinks, near], dim=-1).expand(b, k.shape[1], n_q, -1)
+    forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
     table = torch.cat([forced, picked], dim=-1).sort(dim=-1).values
     table = torch.where(table < n_k, table, -1)
-    return table.repeat_interleave(group, dim=1)
+    return table if per_head else table.repeat_interleave(group, dim=1)
+
+
+def merged_rope(rope: Rope, span: int, train_length: int | None) -> Rope:
+    """``rope`` for merged positions 0..span-1: frequencies divided by span / train_length where the
+    span exceeds the trained length, so that no merged distance leaves the trained window."""
+    if train_length is None or span <= train_length:
+        return rope
+    return Rope(rope.inv_freq * (train_length / span), rope.scaling)
 
 
 def _selected_logits(rope: Rope, scale: float) -> Logits:
@@ -115,12 +182,23 @@ def select_merge(
     local: int = 2,
     sink: int = 1,
     position_mode: str = "selected",
+    score: str = "mean",
+    query_rows: int | None = None,
+    per_head: bool = False,
+    representatives: int = 4,
+    train_length: int | None = None,
 ) -> Tensor:
-    """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d)."""
+    """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
+
+    ``score``, ``query_rows``, ``per_head`` and ``representatives`` choose how blocks are selected
+    (:func:`select_blocks`). With ``position_mode="selected"``, a merged span that may exceed
+    ``train_length`` (the model's trained length) has its positions linearly interpolated into it.
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink)
+    blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
+                           query_rows=query_rows, per_head=per_head, representatives=representatives)
     if position_mode == "selected":
-        rope = require_rope(rope, "select_merge")
+        rope = merged_rope(require_rope(rope, "select_merge"), (sink + top_k + local + 1) * block_size, train_length)
     if kernels.use_kernel(q, positions, block_size):
         return kernels.sparse_attention(q, k, v, blocks, positions=positions, rope=rope, block_size=block_size,
                                     scale=scale, merged_positions=position_mode == "selected")
