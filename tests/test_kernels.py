@@ -107,6 +107,20 @@ def test_select_merge_rotary_in_kernel(dtype, q_len, scaled):
         close(a, e, dtype)
 
 
+def test_select_merge_kernel_takes_a_table_per_query_head():
+    q, k, v = inputs(1, 4, 2, 100, 100, 32, torch.float32)
+    rope = default(32, 10000.0)
+    opts = dict(block_size=16, top_k=2, local=1, sink=1, per_head=True, score="minmax", query_rows=4)
+    table = select_blocks(q, k, **opts)
+    assert not torch.equal(table[:, 0], table[:, 1])  # heads of one kv group select apart
+    out = block_sparse_attention(q, k, v, table, block_size=16, inv_freq=rope.inv_freq)
+    rq, rk, rv = upcast(q, k, v)
+    ref = select_merge(rq, rk, rv, positions=Positions.contiguous(1, 100, 100, DEVICE), rope=rope, **opts)
+    close(out, ref, torch.float32)
+    for a, e in zip(grads(out, (q, k, v), 3), grads(ref, (rq, rk, rv), 3), strict=True):
+        close(a, e, torch.float32)
+
+
 @pytest.mark.parametrize("group", [32, 40])
 @pytest.mark.parametrize("name", ["s2", "sf"])
 def test_token_rules_match_shifted_references(name, group, monkeypatch):
@@ -277,3 +291,16 @@ def test_gathered_decode_attention_bad_input():
         gathered_decode_attention(q.expand(1, 4, 2, 32), k, k, index, valid, 1.0)
     with pytest.raises(ValueError, match="index and valid"):
         gathered_decode_attention(q, k, k, index, valid[:, :2], 1.0)
+
+
+def test_kernel_offsets_do_not_wrap_past_2_31_elements():
+    """A 4M-token q of 9 heads of 64: head 8 starts at 8 * 2**28 = 2**31 elements, and row 4M of a
+    (b, L, h, d) layout (stride 576) at 2.4e9: the kernels' offsets must not wrap in int32."""
+    from offset_kernel import offsets
+
+    heads, rows, head_stride, row_stride, first_row = 9, 4, 2**28, 576, 4_194_300
+    out = torch.zeros(heads, rows, dtype=torch.int64, device=DEVICE)
+    offsets[(1, heads)](out, heads, head_stride, row_stride, first_row, ROWS=rows)
+    expected = [[h * head_stride + (first_row + r) * row_stride for r in range(rows)] for h in range(heads)]
+    assert out.tolist() == expected
+    assert out.max() > 2**31

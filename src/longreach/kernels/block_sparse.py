@@ -39,7 +39,7 @@ from torch import Tensor
 
 from . import BLOCK_SIZES, DCA, HEAD_DIMS, SELF_EXTEND, SINKS, supports
 from .rotary import turn
-from .tiles import load_halves, rotate, store_halves
+from .tiles import batch_head, load_halves, rotate, store_halves
 
 LOG2E = 1.4426950408889634
 KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT", "FRAMES", "KEY_FRAMES", "RULE", "DENSE"]
@@ -287,9 +287,7 @@ def _fwd_kernel(
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
     m = _query_block(NQ, DENSE)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(1, H)
     hk = h // GROUP_HEADS
     t = tl.arange(0, BLOCK)
     q_idx = (START_BLOCK + m) * BLOCK + t
@@ -359,9 +357,7 @@ def _dq_kernel(
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
     m = _query_block(NQ, DENSE)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    bh, b, h = batch_head(1, H)
     hk = h // GROUP_HEADS
     t = tl.arange(0, BLOCK)
     q_idx = (START_BLOCK + m) * BLOCK + t
@@ -440,10 +436,8 @@ def _dkv_kernel(
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
     # Heads vary fastest, so the long lists of the first (sink) blocks start first, not last.
-    bhk = tl.program_id(0)
+    bhk, b, hk = batch_head(0, HKV)
     j = tl.program_id(1)
-    b = bhk // HKV
-    hk = bhk % HKV
     t = tl.arange(0, BLOCK)
     k_idx = j * BLOCK + t
     k_in = k_idx < Lk

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import HEAD_DIMS
-from .tiles import group_scores, kv_program
+from .tiles import group_scores, kv_program, row_offsets
 
 BLOCK = 64
 MERGE = 32
@@ -42,7 +42,7 @@ def _partial_kernel(Q, K, V, INDEX, VALID, ACC, MAX, SUM, skb, skh, skl, svb, sv
         slot = tl.load(INDEX + b * N + n, mask=listed, other=0)
         counts = listed & (tl.load(VALID + b * N + n, mask=listed, other=0) != 0)
         _logits, m, p, _heads, _rows = group_scores(Q, kv, bhk, slot, counts, skl, scale, G, ROWS, D, DOT)
-        v = tl.load(V + b * svb + hk * svh + slot[:, None] * svl + dh[None, :], mask=counts[:, None], other=0.0)
+        v = tl.load(V + b * svb + hk * svh + row_offsets(slot, svl) + dh[None, :], mask=counts[:, None], other=0.0)
         new_top = tl.maximum(top, m)
         shift = tl.where(new_top == float("-inf"), 0.0, new_top)
         old, w = tl.math.exp(top - shift), tl.math.exp(m - shift)

@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..positions import Rope
-from .tiles import load_halves, rotate, store_halves
+from .tiles import batch_head, load_halves, rotate, store_halves
 
 ROWS = 64
 
@@ -23,8 +23,7 @@ def _turn_kernel(X, Y, COS, SIN, sxb, sxh, sxm, sc, H, L, FIRST, PERIOD,
     # Rows of x (b, h, L, d) turned by row (FIRST + i) % PERIOD (PERIOD 0: row i) of the cos/sin
     # tables of batch b (stride sc, 0 when shared); with ACCUMULATE added to y.
     r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    b = tl.program_id(1) // H
-    h = tl.program_id(1) % H
+    _, b, h = batch_head(1, H)
     ok = r < L
     x1, x2 = load_halves(X + b * sxb + h * sxh, r, ok, sxm, HALF)
     row = FIRST + r
@@ -57,7 +56,7 @@ def turn(x: Tensor, cos: Tensor, sin: Tensor, *, first: int = 0, period: int = 0
 def _step_kernel(Q, OUT, K, POSITION, LENGTH, COS, SIN, sqb, sqh, skb, skh, skl, H, H_KV, HALF: tl.constexpr):
     # Program r < b * h: query row r at its batch row's position, into OUT; the others: the key of kv
     # row r - b * h at slot length - 1 (its position), in place.
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)
     dh = tl.arange(0, HALF)
     if r < tl.num_programs(0) // (H + H_KV) * H:
         src = Q + r // H * sqb + r % H * sqh

@@ -16,16 +16,30 @@ def rotate(x1, x2, cos, sin, INVERSE: tl.constexpr):
 
 
 @triton.jit
+def batch_head(AXIS: tl.constexpr, H):
+    # Program id on AXIS as b * H + h: (bh, b, h) in int64, so that head offsets past 2**31 elements
+    # (a 4M-token q of 9 heads of 64) do not wrap.
+    bh = tl.program_id(AXIS).to(tl.int64)
+    return bh, bh // H, bh % H
+
+
+@triton.jit
+def row_offsets(rows, stride):
+    # (n, 1) int64 offsets of rows ``rows``: 4M rows of a (b, L, h, d) layout's stride pass 2**31.
+    return rows.to(tl.int64)[:, None] * stride
+
+
+@triton.jit
 def load_halves(base, rows, ok, stride, HALF: tl.constexpr):
     # Rows ``rows`` of a (L, 2 * HALF) slab as its two rotary halves; rows where ``ok`` fails read 0.
     dh = tl.arange(0, HALF)
-    ptr = base + rows[:, None] * stride + dh[None, :]
+    ptr = base + row_offsets(rows, stride) + dh[None, :]
     return tl.load(ptr, mask=ok[:, None], other=0.0), tl.load(ptr + HALF, mask=ok[:, None], other=0.0)
 
 
 @triton.jit
 def store_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
-    ptr = base + rows[:, None] * stride + tl.arange(0, HALF)[None, :]
+    ptr = base + row_offsets(rows, stride) + tl.arange(0, HALF)[None, :]
     tl.store(ptr, y1.to(base.dtype.element_ty), mask=ok[:, None])
     tl.store(ptr + HALF, y2.to(base.dtype.element_ty), mask=ok[:, None])
 
@@ -34,9 +48,9 @@ def store_halves(base, rows, ok, stride, y1, y2, HALF: tl.constexpr):
 @triton.jit
 def kv_program(H_KV, BLOCK: tl.constexpr):
     # A decode kernel's program (b * h_kv + hk, j): bhk, b, hk, j and the j-th block's positions.
-    bhk = tl.program_id(0)
+    bhk, b, hk = batch_head(0, H_KV)
     j = tl.program_id(1)
-    return bhk, bhk // H_KV, bhk % H_KV, j, j * BLOCK + tl.arange(0, BLOCK)
+    return bhk, b, hk, j, j * BLOCK + tl.arange(0, BLOCK)
 
 
 @triton.jit
@@ -46,7 +60,7 @@ def group_scores(Q, kv, bhk, slots, ok, stride, scale, G: tl.constexpr, ROWS: tl
     # are padding) against rows ``slots`` of the (L, D) slab at ``kv``, -inf where ``ok`` fails; with
     # each row's max and exp(s - max), a split softmax's part. Also returns head ids, real rows.
     dh = tl.arange(0, D)
-    k = tl.load(kv + slots[:, None] * stride + dh[None, :], mask=ok[:, None], other=0.0)
+    k = tl.load(kv + row_offsets(slots, stride) + dh[None, :], mask=ok[:, None], other=0.0)
     g = tl.arange(0, ROWS)
     head = bhk * G + g
     q = tl.load(Q + head[:, None] * D + dh[None, :], mask=g[:, None] < G, other=0.0)
