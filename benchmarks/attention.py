@@ -38,6 +38,7 @@ from longreach.attention.core import Positions
 from longreach.attention.select_merge import select_blocks
 from longreach.attention.shifted import _shifted_tables, group_size_for, head_shifts
 from longreach.attention.sinks import sink_window_tables
+from longreach.cli import parse_options
 from longreach.kernels import sparse_attention
 from longreach.kernels.block_sparse import compact
 from longreach.positions import default
@@ -50,6 +51,7 @@ FRAMED = ("sinks", "dca", "self_extend")
 # Flex recompiles for every mask shape (about half a minute each on the H100), so by default only
 # select_merge, the method the acceptance compares, gets the Flex baseline.
 FLEX = ("select_merge",)
+SELECTION = ("block_size", "top_k", "local", "sink", "score", "query_rows", "per_head", "representatives")
 flex = torch.compile(flex_attention, dynamic=False)
 
 
@@ -58,8 +60,7 @@ def method_table(name: str, q, k):
     opts = METHODS[name].defaults()
     b, h, length, _ = q.shape
     if name == "select_merge":
-        t = select_blocks(q, k, block_size=opts["block_size"], top_k=opts["top_k"], local=opts["local"],
-                          sink=opts["sink"])
+        t = select_blocks(q, k, **{key: opts[key] for key in SELECTION})
         return t, opts["block_size"], {}
     group = group_size_for(length, opts["group_size"])
     sink = opts.get("sink", 0)
@@ -190,8 +191,9 @@ def framed_flops(name: str, q) -> float:
     return 4 * b * h * n * (n + 1) / 2 * block * block * dim
 
 
-def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dict]:
-    """Whole method, kernel alone and Flex on the same mask, for one method at one length."""
+def bench_method(name: str, q, k, v, grad, rope, dense_flops: float, variants: tuple[str, ...] = ()) -> list[dict]:
+    """Whole method, kernel alone and Flex on the same mask, for one method at one length; for select_merge
+    also the whole method under each of ``variants`` (options ``key=value/key=value``)."""
     length, dim = q.shape[2], q.shape[3]
     pos = Positions.contiguous(1, length, length, "cuda")
     fn = METHODS[name].fn
@@ -209,6 +211,13 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dic
         table, block, rule = method_table(name, q, k)
     flops = 4 * float(compact(table)[1].sum()) * block * block * dim
     rows = [("longreach", whole)]
+    for spec in variants if name == "select_merge" else ():
+        options = parse_options(tuple(spec.split("/")))
+
+        def run_variant(a, b, c, options=options):
+            return fn(a, b, c, positions=pos, rope=rope, **options)
+
+        rows.append((f"longreach[{spec}]", measure(run_variant, (q, k, v), grad)))
     variants = [("longreach_kernel", name == "select_merge")]
     if name == "select_merge":
         variants.append(("longreach_kernel_absolute_positions", False))
@@ -226,7 +235,7 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float) -> list[dic
     return [{"L": length, "impl": impl, "method": name, "fwd_flops": flops, **rec} for impl, rec in rows]
 
 
-def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16) -> dict:
+def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16, variants: tuple[str, ...] = ()) -> dict:
     rope = default(dim, 10000.0)
     records = []
     result = {}
@@ -240,7 +249,7 @@ def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16) ->
         records.append({"L": length, "impl": "sdpa_causal", "method": "dense", "fwd_flops": dense_flops, **sdpa})
         print(f"L={length:>6} sdpa        fwd {sdpa['fwd_ms']:8.2f} fwd+bwd {sdpa['fwdbwd_ms']:8.2f} ms", flush=True)
         for name in methods:
-            records += bench_method(name, q, k, v, grad, rope, dense_flops)
+            records += bench_method(name, q, k, v, grad, rope, dense_flops, variants)
         del q, k, v, grad
         torch.cuda.empty_cache()
         for r in records:
@@ -291,12 +300,15 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--methods", default=",".join(SPARSE), help=f"comma-separated subset of {SPARSE}")
+    parser.add_argument("--select-merge", action="append", default=[], metavar="OPTIONS",
+                        help="also time select_merge with these options (key=value/key=value), e.g. today's defaults")
     args = parser.parse_args()
     methods = tuple(args.methods.split(","))
     if unknown := set(methods) - set(SPARSE):
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {SPARSE}")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run([int(x) for x in args.lengths.split(",")], args.heads, args.dim, args.out, methods)
+    result = run([int(x) for x in args.lengths.split(",")], args.heads, args.dim, args.out, methods,
+                 variants=tuple(args.select_merge))
     plot(result, args.out / "attention.png")
 
 
