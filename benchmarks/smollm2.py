@@ -39,10 +39,11 @@ def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict
     depths = [float(d) for d in args.depths.split(",")]
     trials = args.long_trials if length > args.long_from else args.trials
     if kind == "passkey":
-        return passkey(model, tokenizer, [length], depths, trials=trials, batch_size=args.batch_size, chat=args.chat)
+        return passkey(model, tokenizer, [length], depths, trials=trials, batch_size=args.batch_size, chat=args.chat,
+                       prefill_chunk=args.prefill_chunk)
     if kind == "needle":
         return needle(model, tokenizer, [length], depths, texts=texts, trials=trials, batch_size=args.batch_size,
-                      chat=args.chat)
+                      chat=args.chat, prefill_chunk=args.prefill_chunk)
     return perplexity(model, tokenizer, [length], texts=texts, window=args.window, samples=args.samples)
 
 
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--long-trials", type=int, default=2, help="prompts per (length, depth) past --long-from")
     parser.add_argument("--long-from", type=int, default=32768)
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill tokens at a time (passkey, needle)")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--chat", action="store_true")

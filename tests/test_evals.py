@@ -251,3 +251,36 @@ def test_perplexity_segments_span_documents_when_none_is_long_enough():
     data = segments(CountingTokenizer(), texts, 100, samples=3)
     assert data.shape == (1, 100)  # 4 documents of 40 tokens, joined with separators, hold one segment of 100
     assert data[0, :40].tolist() == list(range(40)) and 100 in data[0].tolist()
+
+
+@pytest.mark.parametrize("attention", ["dense", "select_merge"])
+def test_chunked_prefill_equals_one_pass(attention):
+    import longreach
+    from longreach.evals.retrieval import greedy, prefill
+
+    torch.manual_seed(0)
+    model = tiny_model(max_position=512)
+    longreach.extend(model, attention=attention, **({"block_size": 16, "top_k": 2} if attention != "dense" else {}))
+    ids = torch.randint(0, 128, (2, 150))
+    whole = prefill(model, ids).logits[:, -1]
+    for chunk in (16, 48, 64):
+        torch.testing.assert_close(prefill(model, ids, chunk).logits[:, -1], whole, atol=1e-5, rtol=1e-5)
+    assert torch.equal(greedy(model, ids, 4, chunk=32), greedy(model, ids, 4))
+
+
+def test_prompt_memory_is_estimated_before_allocating():
+    from transformers import LlamaConfig
+
+    from longreach.evals.fit import GIB, prompt_bytes, shortfall
+
+    smollm2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64)
+    cache, activations = prompt_bytes(smollm2, 4 * 2**20, 1, 65536, 2)
+    assert cache == 30 * 2 * 3 * 64 * 4 * 2**20 * 2  # 90 GiB of bf16 keys and values
+    assert activations < 2 * GIB
+    assert shortfall(smollm2, 4 * 2**20, 1, 65536, 2, free=120 * GIB) is None
+    reason = shortfall(smollm2, 8 * 2**20, 1, 65536, 2, free=120 * GIB)
+    assert reason is not None and "length 8388608" in reason and "KV cache 180.0 GiB" in reason
+    assert "prefill chunk" in shortfall(smollm2, 2**20, 1, None, 2, free=20 * GIB)
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        passkey(tiny_model(), SimpleNamespace(), [64], [0.5], trials=1, prefill_chunk=0)

@@ -164,11 +164,13 @@ def _grid_total(lengths, depths, trials, **_) -> int:
 @click.option("--batch-size", default=1, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--chat", is_flag=True, help="ask in the model's chat template (instruct models)")
+@click.option("--prefill-chunk", default=None, type=click.IntRange(min=1),
+              help="prefill the prompt this many tokens at a time (a multiple of 64 keeps results identical)")
 @evaluation("passkey", _grid_total)
-def passkey_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, chat, progress):
+def passkey_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, chat, prefill_chunk, progress):
     """Passkey retrieval accuracy over lengths x depths (baseline or extension methods)."""
     return passkey(model, tokenizer, lengths, parse_floats(depths, "--depths"), trials=trials, seed=seed,
-                   batch_size=batch_size, chat=chat, progress=progress)
+                   batch_size=batch_size, chat=chat, progress=progress, prefill_chunk=prefill_chunk)
 
 
 def _texts(paths: tuple[Path, ...]) -> tuple[str, ...]:
@@ -185,11 +187,14 @@ def _texts(paths: tuple[Path, ...]) -> tuple[str, ...]:
 @click.option("--text", "texts", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="haystack text file (repeatable) [default: the shipped held-out documents]")
 @click.option("--chat", is_flag=True, help="ask in the model's chat template (instruct models)")
+@click.option("--prefill-chunk", default=None, type=click.IntRange(min=1),
+              help="prefill the prompt this many tokens at a time (a multiple of 64 keeps results identical)")
 @evaluation("needle", _grid_total)
-def needle_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, texts, chat, progress):
+def needle_command(model, tokenizer, *, lengths, depths, trials, batch_size, seed, texts, chat, prefill_chunk,
+                   progress):
     """Needle-in-a-haystack accuracy in real text over lengths x depths."""
     return needle(model, tokenizer, lengths, parse_floats(depths, "--depths"), texts=_texts(texts), trials=trials,
-                  seed=seed, batch_size=batch_size, chat=chat, progress=progress)
+                  seed=seed, batch_size=batch_size, chat=chat, progress=progress, prefill_chunk=prefill_chunk)
 
 
 @main.command(name="perplexity")

@@ -11,7 +11,7 @@ from .retrieval import Progress, evaluate, haystack_ids
 
 def needle(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], *, texts: Sequence[str],
            trials: int = 10, seed: int = 0, batch_size: int = 8, chat: bool = False,
-           progress: Progress | None = None) -> list[dict]:
+           progress: Progress | None = None, prefill_chunk: int | None = None) -> list[dict]:
     """Records as :func:`~longreach.evals.passkey.passkey`; each prompt's haystack is real text from ``texts``
     (held-out documents: ``longreach.reference_model.heldout_texts()``), joined in a random order and read
     from a random place (:func:`~longreach.evals.retrieval.haystack_ids`), so any length up to their total works."""
@@ -22,4 +22,4 @@ def needle(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], *,
         return prompts.needle(tokenizer, length, depth, rng, haystack_ids(documents, length, rng, separator), chat)
 
     return evaluate(model, tokenizer, make, lengths, depths, trials=trials, seed=seed, batch_size=batch_size,
-                    progress=progress)
+                    progress=progress, prefill_chunk=prefill_chunk)
