@@ -78,8 +78,34 @@ def test_chunked_sequence_loss_equals_the_models_own_loss():
     torch.testing.assert_close(ours, full)
 
 
+def test_clex_trains_its_dynamics_with_the_adapters_saves_and_resumes(tmp_path):
+    from longreach.clex import Clex
+
+    before, peft_model, history = _run("dense", "clex", steps=3, max_factor=4)
+    changed, after = _changed(peft_model, before)
+    assert changed == {n for n in before if "embed" in n or "norm" in n}
+    clex = peft_model.get_base_model().model.clex
+    assert clex.draw is None and clex.dynamics.down.abs().sum() > 0  # W_down starts at zero: it learned
+    assert {h["factor"] for h in history} <= {1, 2, 3, 4}
+    torch.manual_seed(0)
+    config = FinetuneConfig(length=32, steps=2, attention="dense", position="clex", max_factor=4, learning_rate=1e-2,
+                            warmup=0)
+    rows = torch.randint(1, 128, (4, 33))
+    first = prepare(tiny_model("llama", max_position=64), config)
+    finetune(first, rows, config, out=tmp_path, progress=False)
+    trained = first.get_base_model().model.clex
+    resumed = prepare(tiny_model("llama", max_position=64), config)
+    finetune(resumed, rows, config, out=tmp_path, progress=False)  # every step done: loads the checkpoint
+    for a, b in zip(trained.parameters(), resumed.get_base_model().model.clex.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    saved = Clex.load(tmp_path / "clex.pt", trained.inv_freq)
+    torch.testing.assert_close(saved.frequencies(3), trained.frequencies(3))
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [({"length": 0}, "length must be >= 1"),
-                                                 ({"learning_rate": 0}, "learning_rate must be > 0")])
+                                                 ({"learning_rate": 0}, "learning_rate must be > 0"),
+                                                 ({"position": "clex", "attention": "select_merge"},
+                                                  "position 'clex' learns its frequencies")])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FinetuneConfig(**({"length": 64, "steps": 1} | kwargs))

@@ -227,7 +227,9 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, prog
 @click.option("--length", required=True, type=click.IntRange(min=1), help="tokens per training row")
 @click.option("--steps", required=True, type=click.IntRange(min=1))
 @click.option("--attention", default="select_merge", show_default=True)
-@click.option("--position", default="crd_ntk", show_default=True, help="a position scheme, crd_ntk or 'none'")
+@click.option("--position", default="crd_ntk", show_default=True, help="a position scheme, crd_ntk, clex or 'none'")
+@click.option("--max-factor", default=16.0, show_default=True, type=float,
+              help="crd_ntk's largest NTK factor; clex's largest t (an integer)")
 @click.option("--lr", default=2e-5, show_default=True, type=float)
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--accumulation", default=1, show_default=True, type=click.IntRange(min=1))
@@ -237,8 +239,8 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, prog
 @click.option("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", show_default=True,
               type=click.Choice(list(DTYPES)))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="checkpoint and history directory")
-def finetune_command(model_spec, data, length, steps, attention, position, lr, batch_size, accumulation, save_every,
-                     offload, device, dtype, out):
+def finetune_command(model_spec, data, length, steps, attention, position, max_factor, lr, batch_size, accumulation,
+                     save_every, offload, device, dtype, out):
     """Fine-tune at a long context (LoRA + embeddings + norms); resumes from OUT's checkpoint."""
     import json
 
@@ -247,7 +249,8 @@ def finetune_command(model_spec, data, length, steps, attention, position, lr, b
 
     try:
         config = FinetuneConfig(length=length, steps=steps, attention=attention, learning_rate=lr,
-                                position=None if position == "none" else position, batch_size=batch_size,
+                                position=None if position == "none" else position, max_factor=max_factor,
+                                batch_size=batch_size,
                                 accumulation=accumulation, offload_activations=offload)
         model, tokenizer = load(model_spec, device, dtype)
         rows = pack(tokenizer, (p.read_text(errors="replace") for p in data), length)

@@ -30,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import cache as policies
 from . import positions as pos
 from .attention import METHODS, Positions, check_options, get_method
+from .clex import Clex
 
 PREFIX = "longreach_"
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -247,21 +248,45 @@ POSITION_OPTIONS = {
     "dynamic_ntk": ("factor", "original_max_position"),
     "yarn": ("factor", "original_max_position", "beta_fast", "beta_slow", "attention_factor"),
     "truncated": ("cutoff",),
+    "clex": ("max_factor", "width", "activation", "step", "state", "original_max_position"),
 }
 
 
+def _own_rotary(model: PreTrainedModel, backbone: nn.Module) -> nn.Module:
+    setup: Setup | None = getattr(model, "_longreach", None)
+    return backbone.rotary_emb if setup is None else setup.original_rotary
+
+
+def _clex(model: PreTrainedModel, backbone: nn.Module, base: float, trained: int, options: dict[str, Any]) -> Clex:
+    """A trained scheme from ``state=`` (a file :meth:`Clex.save` wrote), the model's current one when the
+    settings match (so re-configuring keeps what was trained), or a new, untrained one."""
+    inv_freq = _own_rotary(model, backbone).original_inv_freq.detach().float().cpu()
+    device = next(model.parameters()).device
+    if "state" in options:
+        if len(options) > 1:
+            extra = sorted(set(options) - {"state"})
+            raise ValueError(f"position 'clex': state= brings its own settings; drop {extra}")
+        return Clex.load(options.pop("state"), inv_freq).to(device)
+    scheme = Clex(inv_freq, base, trained, **{k: options.pop(k) for k in list(options)})
+    current = getattr(backbone, "clex", None)
+    if isinstance(current, Clex) and current.settings() == scheme.settings():
+        return current
+    return scheme.to(device)
+
+
 def _build_rope(model: PreTrainedModel, backbone: nn.Module, position: str | None,
-                options: dict[str, Any]) -> pos.Rope | pos.DynamicRope:
+                options: dict[str, Any]) -> pos.Rope | pos.DynamicRope | Clex:
     dim, base, max_pos = _rope_basics(model)
     if position is None:
         rope_type = (model.config.rope_parameters or {}).get("rope_type", "default")
         if rope_type in ("dynamic", "longrope"):
             raise ValueError(f"model: its own rope_type {rope_type!r} is length-dependent; pass position=...")
-        setup: Setup | None = getattr(model, "_longreach", None)
-        rotary = backbone.rotary_emb if setup is None else setup.original_rotary
+        rotary = _own_rotary(model, backbone)
         return pos.Rope(rotary.original_inv_freq.detach().float().cpu(), float(rotary.attention_scaling))
     original = options.pop("original_max_position", max_pos)
     pos.check_length(original, "original_max_position")
+    if position == "clex":
+        return _clex(model, backbone, base, original, options)
     if position == "truncated":
         return pos.truncated(dim, base, options.pop("cutoff", original))
     if "factor" not in options:
@@ -322,6 +347,8 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
     check_options(method, attn_opts)
     rope = _build_rope(model, backbone, position, dict(rope_opts))
     restore(model)
+    if isinstance(rope, Clex):  # a submodule, so its parameters train, save and move with the model
+        backbone.clex = rope
     register()
     setup = Setup(method, attn_opts, rope, position, backbone.rotary_emb, model.config._attn_implementation,
                   cache, cache_opts)
@@ -344,6 +371,8 @@ def restore(model: PreTrainedModel) -> PreTrainedModel:
         return model
     backbone = _backbone(model)
     backbone.rotary_emb = setup.original_rotary
+    if hasattr(backbone, "clex"):
+        del backbone.clex
     for hook in setup.hooks:
         hook.remove()
     for module in _attention_modules(backbone):

@@ -1,4 +1,5 @@
-"""The fine-tuning loop: chunked loss, gradient accumulation, CRD-NTK per step, resumable checkpoints."""
+"""The fine-tuning loop: chunked loss, gradient accumulation, CRD-NTK per step or CLEX per forward, resumable
+checkpoints."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..loss import token_losses
 from .recipe import FinetuneConfig, configure, crd_sampler, trainable_parameters
 
 CHECKPOINT = "checkpoint.pt"
+CLEX_STATE = "clex.pt"
 
 
 def _autocast(base: torch.nn.Module, device: torch.device):
@@ -45,16 +47,18 @@ def _rows_for(step: int, micro: int, config: FinetuneConfig, order: torch.Tensor
     return order[torch.arange(start, start + config.batch_size) % len(order)]
 
 
-def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig, *, out: Path | None = None,
+def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig, *, out: str | Path | None = None,
              save_every: int = 0, progress: bool = True) -> list[dict]:
     """Train the trainable parameters of ``model`` (from :func:`prepare`) on ``rows`` (n, length + 1).
 
     Rows are visited in a seeded order; with ``out`` a checkpoint (trainable weights, optimizer, step,
     history) is written every ``save_every`` steps and at the end, and an existing one is resumed.
-    Returns one record per step: loss, learning rate, CRD-NTK factor, tokens/s.
+    Returns one record per step: loss, learning rate, CRD-NTK factor (CLEX: the last forward's t), tokens/s.
+    A CLEX run also writes its trained scheme to ``out/clex.pt`` (:meth:`longreach.clex.Clex.save`).
     """
     if rows.ndim != 2 or rows.shape[1] != config.length + 1:
         raise ValueError(f"rows must be (n, length + 1) = (n, {config.length + 1}), got {tuple(rows.shape)}")
+    out = None if out is None else Path(out)
     base = model.get_base_model()
     device = next(model.parameters()).device
     params = trainable_parameters(model)
@@ -69,6 +73,7 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
     sampler = crd_sampler(base, config)
     draws = itertools.islice(iter(sampler), len(history), None) if sampler else None
+    clex = getattr(base.get_decoder(), "clex", None)
     model.train()
     bar = tqdm(range(len(history), config.steps), disable=not progress, desc="finetune", unit="step")
     for step in bar:
@@ -85,6 +90,10 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
         total = 0.0
         for micro in range(config.accumulation):
             batch = rows[_rows_for(step, micro, config, order)].to(device)
+            if clex is not None:
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step * config.accumulation + micro)
+                position_ids = clex.train_step(config.length, generator).to(device)[None]
+                factor = clex.draw[0]
             with _autocast(base, device):
                 loss = sequence_loss(base, batch, position_ids, config.loss_chunk, _offload(config, device))
                 loss = loss / config.accumulation
@@ -101,6 +110,10 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
         if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == config.steps):
             _save(out, params, optimizer, history)
     model.eval()
+    if clex is not None:
+        clex.end_training()
+        if out is not None:
+            clex.save(out / CLEX_STATE)
     return history
 
 

@@ -11,12 +11,15 @@ from ..hf import enable_checkpointing, extend, peft_wrap
 from ..positions import CRDNTK
 
 CRD_NTK = "crd_ntk"
+CLEX = "clex"
 
 
 @dataclass
 class FinetuneConfig:
     """What to train and how. ``position="crd_ntk"`` draws an NTK factor and cyclic position offset
-    per step (:class:`longreach.positions.CRDNTK`, period = max_factor x the model's trained length).
+    per step (:class:`longreach.positions.CRDNTK`, period = max_factor x the model's trained length);
+    ``position="clex"`` trains CLEX's frequency dynamics with the adapters, drawing t in 1..max_factor
+    per forward (:class:`longreach.clex.Clex`; dense attention, which rotates in PyTorch).
     ``offload_activations`` keeps the tensors saved for backward (with checkpointing: each layer's
     input) in pinned host memory, so GPU memory no longer grows with layers x length."""
 
@@ -48,6 +51,9 @@ class FinetuneConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.position == CLEX and self.attention != "dense":
+            raise ValueError(f"position 'clex' learns its frequencies through the rotary PyTorch applies, which "
+                             f"attention='dense' does; the kernels of {self.attention!r} rotate in Triton")
 
 
 def _position_kwargs(config: FinetuneConfig, trained: int, factor: float | None) -> dict:
@@ -57,6 +63,8 @@ def _position_kwargs(config: FinetuneConfig, trained: int, factor: float | None)
         return {"position": "ntk", "factor": factor or 1.0}
     if config.position == "truncated":
         return {"position": "truncated"}
+    if config.position == CLEX:
+        return {"position": CLEX, "max_factor": config.max_factor}
     return {"position": config.position, "factor": config.factor or max(1.0, config.length / trained)}
 
 
@@ -92,7 +100,7 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     compute_dtype = next(model.parameters()).dtype
     peft_model = peft_wrap(model, lora)
     for name, param in peft_model.named_parameters():
-        if any(part in name for part in config.trainable):
+        if any(part in name for part in config.trainable) or (config.position == CLEX and ".clex." in name):
             param.requires_grad_(True)
             param.data = param.data.float()
     if compute_dtype != torch.float32:
