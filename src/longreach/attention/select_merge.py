@@ -122,6 +122,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     b, h, q_len, d = q.shape
     h_kv, first = k.shape[1], k.shape[2] - q_len
     q_bar = block_means(q, block_size, first, query_rows).view(b, h_kv, group, -1, d)
+    if score == "mean" and not per_head:  # the score is linear in q: the group's mean query, one product
+        q_bar = q_bar.mean(2, keepdim=True)
     n_q, n_k = q_bar.shape[3], -(-k.shape[2] // block_size)
     heads = h if per_head else h_kv
     device = q.device
