@@ -51,7 +51,7 @@ FRAMED = ("sinks", "dca", "self_extend")
 # Flex recompiles for every mask shape (about half a minute each on the H100), so by default only
 # select_merge, the method the acceptance compares, gets the Flex baseline.
 FLEX = ("select_merge",)
-SELECTION = ("block_size", "top_k", "local", "sink", "score", "query_rows", "per_head", "representatives")
+SELECTION = ("block_size", "top_k", "local", "sink", "score", "query_rows", "per_head", "representatives", "vote")
 flex = torch.compile(flex_attention, dynamic=False)
 
 

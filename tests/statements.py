@@ -112,7 +112,7 @@ def block_score(qb, keys, score, part):
 
 
 def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="mean", query_rows=None,
-                 per_head=False, representatives=4):
+                 per_head=False, representatives=4, vote="mean"):
     """Brute force: explicit block summaries, scores, top-k and merged positions, in loops."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -134,8 +134,13 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
                 qbars = [q[bi, m, [r - first for r in summary_rows]].mean(0) for m in voters]
                 forced = {jb for jb in range(ib + 1) if jb < sink or jb >= ib - local}
                 others = [jb for jb in range(ib + 1) if jb not in forced]
-                score_of = {jb: sum(block_score(qb, key_blocks[jb], score, block // representatives) for qb in qbars)
-                            / len(qbars) / math.sqrt(d) for jb in others}
+                per_voter = [{jb: block_score(qb, key_blocks[jb], score, block // representatives) / math.sqrt(d)
+                              for jb in others} for qb in qbars]
+                if vote == "softmax":  # each head's softmax over the candidates, summed
+                    per_voter = [{jb: math.exp(s[jb] - max(s.values())) / sum(math.exp(x - max(s.values()))
+                                                                             for x in s.values()) for jb in s}
+                                 for s in per_voter]
+                score_of = {jb: sum(s[jb] for s in per_voter) / len(per_voter) for jb in others}
                 kept = forced | set(sorted(others, key=lambda jb: -score_of[jb])[:top_k])
                 merged = [t for jb in sorted(kept) for t in range(jb * block, min((jb + 1) * block, lk))]
                 rank = {t: n for n, t in enumerate(merged)}

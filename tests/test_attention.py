@@ -55,15 +55,16 @@ def test_select_merge_statement(shape, block, top_k, local, sink, mode):
 
 @SETTINGS
 @given(shapes(), st.sampled_from([8, 16]), st.integers(1, 3), st.sampled_from(["mean", "minmax", "representatives"]),
-       st.sampled_from([None, 1, 3]), st.booleans(), st.sampled_from([2, 4]))
-def test_select_merge_selection_options_statement(shape, block, top_k, score, query_rows, per_head, representatives):
+       st.sampled_from([None, 1, 3]), st.booleans(), st.sampled_from([2, 4]), st.sampled_from(["mean", "softmax"]))
+def test_select_merge_selection_options_statement(shape, block, top_k, score, query_rows, per_head, representatives,
+                                                  vote):
     q, k, v = tensors(shape)
     rope = rope_for(q.shape[-1])
     opts = dict(block_size=block, top_k=top_k, local=0, sink=1, score=score, query_rows=query_rows, per_head=per_head,
-                representatives=representatives)
+                representatives=representatives, vote=vote)
     out = run("select_merge", q, k, v, rope, **opts)
     expected = ref.select_merge(q, k, v, rope, q.shape[-1] ** -0.5, block, top_k, 0, 1, "selected", score=score,
-                                query_rows=query_rows, per_head=per_head, representatives=representatives)
+                                query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote)
     torch.testing.assert_close(out, expected, **TOL)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from longreach.attention import METHODS
 
-LENGTH, HEADS, DIM = 16384, 8, 64
+LENGTH, HEADS, DIM = 16384, 4, 64
 # One dense float32 score matrix of one head: L x L x 4 bytes; sparse references stay under 25% of it.
 BUDGET = 0.25 * LENGTH * LENGTH * 4
 

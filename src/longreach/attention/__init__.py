@@ -15,7 +15,7 @@ from typing import Any
 from .chunked import dca
 from .core import Positions
 from .dense import dense
-from .select_merge import SCORES, select_merge
+from .select_merge import SCORES, VOTES, select_merge
 from .self_extend import AUTO, self_extend
 from .shifted import s2, sf
 from .sinks import sinks
@@ -80,6 +80,7 @@ METHODS: dict[str, Method] = {
             {**BLOCK, "top_k": _int(0), "local": _int(0), "sink": _int(0),
              "position_mode": Option(str, choices=("selected", "absolute")), "score": Option(str, choices=SCORES),
              "query_rows": _int(1, optional=True), "per_head": Option(bool), "representatives": _int(1),
+             "vote": Option(str, choices=VOTES),
              "train_length": _int(2, optional=True)},
             "correlation-aware select-and-merge block-sparse attention",
         ),

@@ -42,6 +42,7 @@ from .core import (
 )
 
 SCORES = ("mean", "minmax", "representatives")
+VOTES = ("mean", "softmax")
 
 
 def block_means(x: Tensor, block: int, first: int = 0, last_rows: int | None = None) -> Tensor:
@@ -109,20 +110,23 @@ def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_block
 
 
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
-                  query_rows: int | None = None, per_head: bool = False, representatives: int = 4) -> Tensor:
+                  query_rows: int | None = None, per_head: bool = False, representatives: int = 4,
+                  vote: str = "mean") -> Tensor:
     """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending.
 
     q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. Each query
     block is summarised by the mean of its rows (its last ``query_rows`` rows, if given) and scores the
-    key blocks by :func:`block_scores`; the query heads of a kv group share one selection by the mean of
-    their scores unless ``per_head``. Scores are formed for a bounded number of query blocks at a time,
+    key blocks by :func:`block_scores`; the query heads of a kv group share one selection unless
+    ``per_head``: by the mean of their scores (``vote="mean"``) or by the sum of each head's softmax over
+    the candidate blocks (``vote="softmax"``, TokenSelect's soft voting: a head sure of a block outvotes
+    heads that spread their attention). Scores are formed for a bounded number of query blocks at a time,
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
     """
     group = check_shapes(q, k, k)
     b, h, q_len, d = q.shape
     h_kv, first = k.shape[1], k.shape[2] - q_len
     q_bar = block_means(q, block_size, first, query_rows).view(b, h_kv, group, -1, d)
-    if score == "mean" and not per_head:  # the score is linear in q: the group's mean query, one product
+    if score == "mean" and not per_head and vote == "mean":  # linear in q: the group's mean query, one product
         q_bar = q_bar.mean(2, keepdim=True)
     n_q, n_k = q_bar.shape[3], -(-k.shape[2] // block_size)
     heads = h if per_head else h_kv
@@ -142,8 +146,15 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
         qb = q_block[lo : lo + rows]
         candidate = (key_block >= sink) & (key_block < qb - local)
         scores = block_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, representatives)
-        scores = scores.flatten(1, 2) if per_head else scores.mean(2)
-        best = scores.masked_fill(~candidate, float("-inf")).topk(take, dim=-1)
+        scores = scores.masked_fill(~candidate, float("-inf"))
+        if per_head:
+            scores = scores.flatten(1, 2)
+        elif vote == "softmax":
+            scores = torch.where(candidate.any(-1, keepdim=True), scores.softmax(-1), 0.0).sum(2)
+            scores = scores.masked_fill(~candidate, float("-inf"))
+        else:
+            scores = scores.mean(2)
+        best = scores.topk(take, dim=-1)
         picked[:, :, lo : lo + rows, :take] = torch.where(torch.isfinite(best.values), best.indices, n_k)
     forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
     table = torch.cat([forced, picked], dim=-1).sort(dim=-1).values
@@ -188,17 +199,18 @@ def select_merge(
     query_rows: int | None = None,
     per_head: bool = False,
     representatives: int = 4,
+    vote: str = "mean",
     train_length: int | None = None,
 ) -> Tensor:
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
 
-    ``score``, ``query_rows``, ``per_head`` and ``representatives`` choose how blocks are selected
+    ``score``, ``query_rows``, ``per_head``, ``representatives`` and ``vote`` choose how blocks are selected
     (:func:`select_blocks`). With ``position_mode="selected"``, a merged span that may exceed
     ``train_length`` (the model's trained length) has its positions linearly interpolated into it.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
-                           query_rows=query_rows, per_head=per_head, representatives=representatives)
+                           query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote)
     if position_mode == "selected":
         rope = merged_rope(require_rope(rope, "select_merge"), (sink + top_k + local + 1) * block_size, train_length)
     if kernels.use_kernel(q, positions, block_size):
