@@ -1,0 +1,167 @@
+"""Extend any model longreach loads with its fine-tuning recipe, every run on the same tokens, and evaluate it.
+
+Run on the device, e.g. CLEX against YaRN and dynamic NTK on SmolLM2 at 16K (2x):
+
+    python benchmarks/extend_model.py CORPUS OUT --model smollm2 --length 16k --steps 200 \\
+        --runs clex=dense+clex:max_factor=16,yarn=dense+yarn,dynamic_ntk=dense+dynamic_ntk \\
+        --evals passkey,perplexity --lengths 8k,16k,32k,64k,128k --trials 2
+
+A run is ``NAME=ATTENTION+POSITION[:key=value/...]`` (POSITION: a scheme, ``crd_ntk``, ``clex`` or ``none``;
+the options go to the attention method or ``FinetuneConfig``, e.g. ``max_factor``). Every run fine-tunes
+a fresh copy of ``--model`` for exactly ``--steps`` steps of ``--batch`` rows of ``--length`` tokens, drawn
+in the same order from ``CORPUS/train.jsonl.xz`` mixed with synthetic passkey and needle rows
+(``--retrieval``), so all runs see the same tokens; time, tokens and peak memory are recorded. The tuned
+model is then evaluated under its natural inference setup: its own attention (dense for s2 and sf, which
+LongLoRA uses only in training), a fixed scheme at its training factor, NTK at each length's factor after
+CRD-NTK, CLEX with its trained state; ``--untuned SETUP,...`` evaluates the un-tuned model too, in the
+same process. Writes ``OUT/extend_model.json`` after every evaluation, and one plot per evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from longreach.cli import DTYPES, parse_lengths, parse_options
+from longreach.evals import needle, passkey, perplexity, report, setups
+from longreach.pretrained import load_pretrained
+from longreach.reference_model import haystack_texts
+from longreach.reference_model.corpus import read
+from longreach.reference_model.data import Batches
+from longreach.train import FinetuneConfig, finetune, prepare
+from longreach.train.data import token_stream
+from longreach.train.loop import CLEX_STATE
+
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+TRAINING_ONLY = ("s2", "sf")
+CONFIG_KEYS = ("max_factor", "factor", "lora_rank", "learning_rate")
+
+
+def parse_run(spec: str) -> tuple[str, str, str | None, dict]:
+    """``NAME=ATTENTION+POSITION[:options]`` -> (name, attention, position, options)."""
+    name, _, rest = spec.partition("=")
+    methods, _, options = rest.partition(":")
+    attention, _, position = methods.partition("+")
+    if not name or not attention:
+        raise ValueError(f"run {spec!r}: write NAME=ATTENTION+POSITION[:key=value/...]")
+    return name, attention, None if position in ("", "none") else position, \
+        parse_options(tuple(options.split("/"))) if options else {}
+
+
+def train(args, spec: str, stream) -> tuple[torch.nn.Module, object, dict]:
+    """A fresh model fine-tuned as ``spec``; returns it (adapters merged), its tokenizer and the run's record."""
+    name, attention, position, options = parse_run(spec)
+    dtype = DTYPES[args.dtype]
+    model, tokenizer = load_pretrained(args.model, dtype=dtype, device=args.device)
+    config_options = {k: options.pop(k) for k in CONFIG_KEYS if k in options}
+    config = FinetuneConfig(length=args.length, steps=args.steps, attention=attention, attention_options=options,
+                            position=position, batch_size=args.batch, checkpointing=True, seed=args.seed,
+                            **{"learning_rate": args.lr, "warmup": args.warmup, **config_options})
+    rows = Batches(tokenizer, stream, config.length, args.retrieval, config.seed)(args.steps * args.batch)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    history = finetune(prepare(model, config), rows, config, out=args.out / name, progress=False)
+    record = {"spec": spec, "steps": len(history), "tokens": len(history) * args.batch * args.length,
+              "seconds": sum(h["seconds"] for h in history),
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
+              "first_loss": history[0]["loss"], "last_loss": sum(h["loss"] for h in history[-10:]) / len(history[-10:]),
+              "curve": [{"step": h["step"], "loss": h["loss"], "factor": h["factor"]} for h in history]}
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    merged.config.use_cache = True
+    return merged.to(dtype).eval(), tokenizer, record
+
+
+def inference_setup(args, spec: str, trained: int) -> tuple[str, float | None, dict]:
+    """The tuned model's setup: (setup name, factor or None for each length's own, options)."""
+    name, attention, position, options = parse_run(spec)
+    options = {k: v for k, v in options.items() if k not in CONFIG_KEYS}
+    attention = "dense" if attention in TRAINING_ONLY else attention
+    options = {} if attention == "dense" else options
+    if position == "clex":
+        return f"{attention}+clex", None, {**options, "state": str(args.out / name / CLEX_STATE)}
+    if position == "crd_ntk":
+        return f"{attention}+ntk", None, options
+    if position is None:
+        return attention, None, options
+    return f"{attention}+{position}", max(1.0, args.length / trained), options
+
+
+def evaluate(model, tokenizer, label: str, setup: str, factor: float | None, options: dict, args) -> dict:
+    found = {}
+    for kind in args.evals.split(","):
+        rows = []
+        for length in args.lengths:
+            setups.apply(model, setup, factor=factor, lengths=[length], options=options)
+            if kind == "passkey":
+                rows += passkey(model, tokenizer, [length], DEPTHS, trials=args.trials, batch_size=1,
+                                prefill_chunk=args.prefill_chunk)
+            elif kind == "needle":
+                rows += needle(model, tokenizer, [length], DEPTHS, texts=haystack_texts(), trials=args.trials,
+                               batch_size=1, prefill_chunk=args.prefill_chunk)
+            else:
+                rows += perplexity(model, tokenizer, [length], texts=haystack_texts(), window=256,
+                                   samples=args.samples)
+        found[kind] = [{"setup": label, "inference": setup, "factor": factor, **r} for r in rows]
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("corpus", type=Path, help="a corpus folder (python -m longreach.reference_model.corpus)")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--runs", required=True, help="NAME=ATTENTION+POSITION[:key=value/...], comma-separated")
+    parser.add_argument("--untuned", default="", help="setups to evaluate the un-tuned model under")
+    parser.add_argument("--length", type=lambda s: parse_lengths(s)[0], default=16384)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--retrieval", type=float, default=0.25, help="share of synthetic retrieval rows")
+    parser.add_argument("--evals", default="passkey,needle,perplexity")
+    parser.add_argument("--lengths", type=parse_lengths, default=[8192, 32768, 131072])
+    parser.add_argument("--trials", type=int, default=2, help="prompts per (length, depth)")
+    parser.add_argument("--samples", type=int, default=2, help="perplexity segments")
+    parser.add_argument("--prefill-chunk", type=int, default=None)
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for spec in args.runs.split(","):
+        parse_run(spec)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    _, tokenizer = load_pretrained(args.model)
+    stream = token_stream(tokenizer, (d["text"] for d in read(args.corpus / "train.jsonl.xz")))
+    result = {"model": args.model, "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+              "training": {}, "records": {kind: [] for kind in args.evals.split(",")}}
+
+    def write(found: dict) -> None:
+        for kind, rows in found.items():
+            result["records"][kind] += rows
+            report.plot(kind, result["records"][kind], args.out / f"{kind}.png")
+        result["seconds"] = time.time() - started
+        (args.out / "extend_model.json").write_text(json.dumps(result, indent=1) + "\n")
+
+    for setup in filter(None, args.untuned.split(",")):
+        model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        write(evaluate(model, tokenizer, f"untuned ({setup})", setup, None, {}, args))
+        del model
+    for spec in args.runs.split(","):
+        model, tokenizer, record = train(args, spec, stream)
+        result["training"][spec.partition("=")[0]] = record
+        print(spec, {k: v for k, v in record.items() if k != "curve"}, flush=True)
+        setup, factor, options = inference_setup(args, spec, model.config.max_position_embeddings)
+        write(evaluate(model, tokenizer, f"tuned {spec.partition('=')[0]} ({setup})", setup, factor, options, args))
+        del model
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
