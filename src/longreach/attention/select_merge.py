@@ -150,7 +150,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     picked = torch.full((b, heads, n_q, top_k), n_k, dtype=torch.long, device=device)
     take = min(top_k, n_k)
     width = n_k * (representatives if score == "representatives" and not _fused_parts(score, q) else 1)
-    rows = max(1, tile_budget(q.device) // max(1, b * h * width))
+    rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives)
     for lo in range(0, n_q if take else 0, rows):
