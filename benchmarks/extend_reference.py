@@ -36,7 +36,9 @@ from longreach.train.data import token_stream
 # most (sink + top_k + local + 1) blocks, so the factor that covers them is that span over the
 # trained length (2 for the defaults); it also runs with a wider selection (top_k 32, which the
 # tuned factors cover), densely, as s2 does (a training-time device, LongLoRA infers densely), and
-# under dca, whose positions stay inside the trained window (no rescaling).
+# under dca, whose positions stay inside the trained window (no rescaling). select_merge now interpolates
+# its merged positions into the trained length itself, so the factor that covers the span is 1 for
+# runs after that change; the committed results predate it.
 _DEFAULTS = {k: v.default for k, v in inspect.signature(select_merge).parameters.items()}
 MERGED_SPAN = (_DEFAULTS["sink"] + _DEFAULTS["top_k"] + _DEFAULTS["local"] + 1) * _DEFAULTS["block_size"]
 INFERENCE = {
