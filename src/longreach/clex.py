@@ -7,7 +7,7 @@ The rotary log-frequencies z follow an ordinary differential equation in the len
 where w(t) are NTK-scaled frequencies with alpha = 2t - 1 (the authors' time embedding). W_down starts
 at zero, so an untrained scheme follows NTK scaling exactly and t = 1 is the model's own RoPE; training
 learns the deviation. The equation is solved with fixed-step fourth-order Runge-Kutta (the authors use
-torchdiffeq's rk4 with step 0.01). During fine-tuning each step draws an integer t in [1, max_factor]
+torchdiffeq's rk4 with step 0.01). During fine-tuning each forward draws an integer t in [1, max_factor]
 and spreads the sequence's tokens over positions [0, length * t) (sorted, distinct, first and last
 included) with frequencies z(t) divided by length / trained length; at inference t = ceil(L / trained
 length), capped at max_factor, and integer positions.
