@@ -304,31 +304,3 @@ def test_kernel_offsets_do_not_wrap_past_2_31_elements():
     expected = [[h * head_stride + (first_row + r) * row_stride for r in range(rows)] for h in range(heads)]
     assert out.tolist() == expected
     assert out.max() > 2**31
-
-
-@pytest.mark.parametrize(("score", "representatives", "k_len"), [("mean", 1, 100), ("representatives", 4, 100),
-                                                                  ("representatives", 8, 128)])
-def test_block_score_kernel_matches_the_reference(score, representatives, k_len):
-    from longreach.attention.select_merge import block_means, block_scores, key_summary
-    from longreach.kernels.block_scores import part_max_scores
-
-    gen = torch.Generator().manual_seed(0)
-    q_bar = torch.randn(1, 2, 2, 37, 32, generator=gen).to(DEVICE)  # (b, h_kv, group, nq, d)
-    k = torch.randn(1, 2, k_len, 32, generator=gen).to(DEVICE)
-    summary = key_summary(k, 16, score, representatives)
-    n_blocks = -(-k_len // 16)
-    expected = block_scores(q_bar.cpu(), tuple(t.cpu() for t in summary), score, n_blocks, representatives)
-    out = part_max_scores(q_bar.flatten(1, 2), summary[0][:, :, 0], n_blocks, representatives, 32**-0.5)
-    torch.testing.assert_close(out.view_as(expected).cpu(), expected, rtol=1e-5, atol=1e-5)
-    if k_len % 16:  # the ragged last block scores its parts present only
-        assert torch.isfinite(out).all() and block_means(k, 16).shape[2] == n_blocks
-
-
-def test_select_blocks_through_the_part_kernel_selects_as_the_reference(monkeypatch):
-    from longreach import kernels
-
-    q, k, _ = inputs(1, 4, 2, 100, 100, 32, torch.float32)
-    opts = dict(block_size=16, top_k=2, local=1, sink=1, score="representatives", representatives=4, query_rows=4)
-    expected = select_blocks(q, k, **opts)
-    monkeypatch.setattr(kernels, "enabled", lambda x: True)
-    assert torch.equal(select_blocks(q, k, **opts), expected)

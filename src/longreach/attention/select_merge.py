@@ -88,11 +88,6 @@ def key_summary(k: Tensor, block: int, score: str, representatives: int) -> tupl
     return (block_means(k, block // representatives)[:, :, None],)
 
 
-def _fused_parts(score: str, x: Tensor) -> bool:
-    """Whether the part scores go through the kernel, which never writes the (rows x blocks x parts) tensor."""
-    return score == "representatives" and kernels.enabled(x) and x.shape[-1] in kernels.HEAD_DIMS
-
-
 def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, representatives: int) -> Tensor:
     """Scores (b, h_kv, g, nq, n_blocks) of query summaries q_bar (b, h_kv, g, nq, d) against
     :func:`key_summary`'s, divided by sqrt(d):
@@ -102,12 +97,6 @@ def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_block
       representative keys per block, as InfLLM scores its memory units by its representative tokens).
     """
     scale = q_bar.shape[-1] ** -0.5
-    if _fused_parts(score, q_bar):
-        from ..kernels.block_scores import part_max_scores
-
-        out = part_max_scores(q_bar.flatten(1, 2), summary[0][:, :, 0].to(q_bar.dtype), n_blocks, representatives,
-                              scale)
-        return out.view(*q_bar.shape[:-1], n_blocks)
     if score == "minmax":
         top, low = summary
         qf = q_bar.to(top.dtype)
@@ -149,7 +138,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     near = torch.where((near >= sink) & (near >= 0), near, n_k)
     picked = torch.full((b, heads, n_q, top_k), n_k, dtype=torch.long, device=device)
     take = min(top_k, n_k)
-    width = n_k * (representatives if score == "representatives" and not _fused_parts(score, q) else 1)
+    width = n_k * (representatives if score == "representatives" else 1)
     rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives)
