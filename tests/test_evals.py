@@ -256,15 +256,16 @@ def test_perplexity_segments_span_documents_when_none_is_long_enough():
 @pytest.mark.parametrize("attention", ["dense", "select_merge"])
 def test_chunked_prefill_equals_one_pass(attention):
     import longreach
-    from longreach.evals.retrieval import greedy, prefill
+    from longreach.decode import forward_prompt
+    from longreach.evals.retrieval import greedy
 
     torch.manual_seed(0)
     model = tiny_model(max_position=512)
     longreach.extend(model, attention=attention, **({"block_size": 16, "top_k": 2} if attention != "dense" else {}))
     ids = torch.randint(0, 128, (2, 150))
-    whole = prefill(model, ids).logits[:, -1]
+    whole = forward_prompt(model, ids).logits[:, -1]
     for chunk in (16, 48, 64):
-        torch.testing.assert_close(prefill(model, ids, chunk).logits[:, -1], whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(forward_prompt(model, ids, chunk).logits[:, -1], whole, atol=1e-5, rtol=1e-5)
     assert torch.equal(greedy(model, ids, 4, chunk=32), greedy(model, ids, 4))
 
 

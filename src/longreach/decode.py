@@ -15,16 +15,38 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from .cache import PolicyCache
-from .hf import cache_kwargs, place_rope
+from .hf import cache_kwargs, output_cache, place_rope
+
+
+def check_chunk(chunk: int | None) -> None:
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 token, got {chunk}")
 
 
 @torch.no_grad()
-def prefill(model, ids: Tensor, cache: PolicyCache) -> Tensor:
-    """Run the prompt ``ids`` (b, L) through ``model`` (configured by ``extend``, no cache policy),
-    store its un-rotated keys and values in the static ``cache``; returns the next greedy token (b, 1)."""
+def forward_prompt(model, ids: Tensor, chunk: int | None = None, cache=None):
+    """The model's output for the last token of ``ids`` (b, L), with its KV cache (``cache`` if given, else
+    the one the model makes), run ``chunk`` tokens at a time (None: at once) so that activations stay those
+    of one chunk. A chunk that is a multiple of the attention method's block size gives the same result
+    as one pass."""
+    check_chunk(chunk)
+    step = ids.shape[1] if chunk is None else chunk
+    out = None
+    for start in range(0, ids.shape[1], step):
+        kwargs = {} if cache is None else cache_kwargs(cache)
+        out = model(input_ids=ids[:, start:start + step], use_cache=True, logits_to_keep=1, **kwargs)
+        cache = output_cache(out)
+    return out
+
+
+@torch.no_grad()
+def prefill(model, ids: Tensor, cache: PolicyCache, chunk: int | None = None) -> Tensor:
+    """Run the prompt ``ids`` (b, L) through ``model`` (configured by ``extend``, no cache policy), ``chunk``
+    tokens at a time (:func:`forward_prompt`), store its un-rotated keys and values in the static
+    ``cache``; returns the next greedy token (b, 1)."""
     rope = place_rope(model, ids.device)
     dynamic = DynamicCache(config=model.config)
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(dynamic))
+    out = forward_prompt(model, ids, chunk, dynamic)
     for layer, source in zip(cache.layers, dynamic.layers, strict=True):
         layer.fill(source.keys, source.values, rope)
     return out.logits[:, -1:].argmax(-1)

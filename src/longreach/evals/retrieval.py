@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..decode import check_chunk, forward_prompt
 from ..hf import cache_kwargs, output_cache
 from .fit import check_fits
 from .prompts import Prompt, check_depth
@@ -18,25 +19,10 @@ Progress = Callable[[int], None]
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, chunk: int | None = None):
-    """The model's output for the last token of ``ids`` (b, L), with its KV cache, run ``chunk`` tokens at
-    a time (None: at once) so that activations stay those of one chunk. A chunk that is a multiple of
-    the attention method's block size gives the same result as one pass."""
-    if chunk is not None and chunk < 1:
-        raise ValueError(f"prefill chunk must be >= 1 token, got {chunk}")
-    step = ids.shape[1] if chunk is None else chunk
-    out = None
-    for start in range(0, ids.shape[1], step):
-        cache = {} if out is None else cache_kwargs(output_cache(out))
-        out = model(input_ids=ids[:, start:start + step], use_cache=True, logits_to_keep=1, **cache)
-    return out
-
-
-@torch.no_grad()
 def greedy(model, ids: torch.Tensor, steps: int, chunk: int | None = None) -> torch.Tensor:
     """Greedy continuation of ``ids`` (b, L) for ``steps`` tokens through the model's KV cache: (b, steps);
-    the prompt is prefilled ``chunk`` tokens at a time (:func:`prefill`)."""
-    out = prefill(model, ids, chunk)
+    the prompt is prefilled ``chunk`` tokens at a time (:func:`longreach.decode.forward_prompt`)."""
+    out = forward_prompt(model, ids, chunk)
     tokens = [out.logits[:, -1].argmax(-1)]
     for _ in range(steps - 1):
         out = model(input_ids=tokens[-1][:, None], use_cache=True, **cache_kwargs(output_cache(out)))
@@ -79,8 +65,7 @@ def evaluate(model, tokenizer, make_prompt: MakePrompt, lengths: Sequence[int], 
     their own seeded generators: a cell's prompts do not depend on the rest of the grid.
     """
     check_grid(lengths, depths, trials, batch_size)
-    if prefill_chunk is not None and prefill_chunk < 1:
-        raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+    check_chunk(prefill_chunk)
     check_fits(model, max(lengths), min(batch_size, trials), prefill_chunk)
     cells = {}
     for length in lengths:
