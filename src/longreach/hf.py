@@ -233,13 +233,17 @@ def _backbone(model: PreTrainedModel) -> nn.Module:
     return backbone
 
 
+def head_dim(config: Any) -> int:
+    """A transformers config's attention head size (``head_dim``, or hidden size / heads where unset)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _rope_basics(model: PreTrainedModel) -> tuple[int, float, int]:
     config = model.config
     params = config.rope_parameters or {}
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("model: partial rotary embeddings (partial_rotary_factor != 1) are not supported")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return head_dim, float(params.get("rope_theta", 10000.0)), int(config.max_position_embeddings)
+    return head_dim(config), float(params.get("rope_theta", 10000.0)), int(config.max_position_embeddings)
 
 
 POSITION_OPTIONS = {

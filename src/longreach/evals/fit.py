@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.core import TILE_ELEMENTS_CUDA
+from ..hf import head_dim
 
 GIB = 2**30
 
@@ -17,10 +18,10 @@ def prompt_bytes(config, length: int, batch: int, chunk: int, element_bytes: int
     chunk's activations are bounded by the residual stream and attention projections (4 hidden + q, k,
     v) and the gated MLP (3 intermediate) per token, plus the attention methods' float32 score tiles.
     """
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    cache = config.num_hidden_layers * 2 * kv_heads * head_dim * length * batch * element_bytes
-    per_token = 4 * config.hidden_size + (config.num_attention_heads + 2 * kv_heads) * head_dim
+    cache = config.num_hidden_layers * 2 * kv_heads * dim * length * batch * element_bytes
+    per_token = 4 * config.hidden_size + (config.num_attention_heads + 2 * kv_heads) * dim
     per_token += 3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
     activations = min(chunk, length) * batch * per_token * element_bytes + 4 * TILE_ELEMENTS_CUDA * 4
     return cache, activations

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..hf import enable_checkpointing, extend, peft_wrap
+from ..hf import enable_checkpointing, extend, head_dim, peft_wrap
 from ..positions import CRDNTK
 
 CRD_NTK = "crd_ntk"
@@ -79,7 +79,7 @@ def crd_sampler(base: nn.Module, config: FinetuneConfig) -> CRDNTK | None:
     if config.position != CRD_NTK:
         return None
     cfg = base.config
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dim = head_dim(cfg)
     base_freq = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     period = int(config.max_factor * cfg.max_position_embeddings)  # the range the NTK factors are drawn to cover
     return CRDNTK(dim=dim, base=float(base_freq), period=period, max_factor=config.max_factor,
