@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from smollm2 import parse_setup  # the sibling script's NAME:key=value/... setups
 
-from longreach.cli import DTYPES, parse_lengths, parse_options
+from longreach.cli import DTYPES, parse_lengths
 from longreach.evals import needle, passkey, perplexity, report, setups
 from longreach.pretrained import load_pretrained
 from longreach.reference_model import haystack_texts
@@ -44,12 +45,11 @@ CONFIG_KEYS = ("max_factor", "factor", "lora_rank", "learning_rate")
 def parse_run(spec: str) -> tuple[str, str, str | None, dict]:
     """``NAME=ATTENTION+POSITION[:options]`` -> (name, attention, position, options)."""
     name, _, rest = spec.partition("=")
-    methods, _, options = rest.partition(":")
+    methods, options = parse_setup(rest)
     attention, _, position = methods.partition("+")
     if not name or not attention:
         raise ValueError(f"run {spec!r}: write NAME=ATTENTION+POSITION[:key=value/...]")
-    return name, attention, None if position in ("", "none") else position, \
-        parse_options(tuple(options.split("/"))) if options else {}
+    return name, attention, None if position in ("", "none") else position, options
 
 
 def train(args, spec: str, stream) -> tuple[torch.nn.Module, object, dict]:

@@ -25,9 +25,10 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from smollm2 import parse_setup  # the sibling script's NAME:key=value/... setups
 
 import longreach
-from longreach.cli import DTYPES, parse_lengths, parse_options
+from longreach.cli import DTYPES, parse_lengths
 from longreach.evals import prompts
 from longreach.evals.retrieval import answered, greedy, haystack_ids
 from longreach.pretrained import load_pretrained
@@ -89,8 +90,7 @@ def answer(model, tokenizer, prompt: prompts.Prompt) -> tuple[bool, float]:
 
 
 def run(model, tokenizer, setup: str, length: int, depths: list[float], args) -> list[dict]:
-    name, _, spec = setup.partition(":")
-    options = parse_options(tuple(spec.split("/"))) if spec else {}
+    name, options = parse_setup(setup)
     longreach.extend(model, attention=name, **options)
     block = options.get("block_size", 64)
     documents = prompts.encode_documents(tokenizer, haystack_texts())
