@@ -51,16 +51,17 @@ FRAMED = ("sinks", "dca", "self_extend")
 # Flex recompiles for every mask shape (about half a minute each on the H100), so by default only
 # select_merge, the method the acceptance compares, gets the Flex baseline.
 FLEX = ("select_merge",)
-SELECTION = ("block_size", "top_k", "local", "sink", "score", "query_rows", "per_head", "representatives", "vote")
+SELECTION = ("block_size", "top_k", "local", "sink", "score", "query_rows", "per_head", "representatives", "vote",
+             "score_distance")
 flex = torch.compile(flex_attention, dynamic=False)
 
 
-def method_table(name: str, q, k):
+def method_table(name: str, q, k, rope):
     """The key-block table the method uses at its defaults, and its kernel token rule."""
     opts = METHODS[name].defaults()
     b, h, length, _ = q.shape
     if name == "select_merge":
-        t = select_blocks(q, k, **{key: opts[key] for key in SELECTION})
+        t = select_blocks(q, k, rope=rope, **{key: opts[key] for key in SELECTION})
         return t, opts["block_size"], {}
     group = group_size_for(length, opts["group_size"])
     sink = opts.get("sink", 0)
@@ -208,7 +209,7 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float, variants: t
         return [{"L": length, "impl": "longreach", "method": name, "fwd_flops": flops, **whole,
                  **kernel_times(run_method, (q, k, v), grad)}]
     with torch.no_grad():
-        table, block, rule = method_table(name, q, k)
+        table, block, rule = method_table(name, q, k, rope)
     flops = 4 * float(compact(table)[1].sum()) * block * block * dim
     rows = [("longreach", whole)]
     for spec in variants if name == "select_merge" else ():

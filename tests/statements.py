@@ -103,7 +103,9 @@ def softplus(q, k, v, rope, scale, train_length, power):
 
 def block_score(qb, keys, score, part):
     """One query summary against one key block (rows, d): its mean key, Quest's per-channel bound, or
-    the best of the means of its parts of ``part`` rows."""
+    the best of the means of its parts of ``part`` rows, or its best key."""
+    if score == "max":
+        return max(float(qb @ key) for key in keys)
     if score == "mean":
         return float(qb @ keys.mean(0))
     if score == "minmax":
@@ -112,7 +114,7 @@ def block_score(qb, keys, score, part):
 
 
 def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="mean", query_rows=None,
-                 per_head=False, representatives=4, vote="mean"):
+                 per_head=False, representatives=4, vote="mean", score_distance=None):
     """Brute force: explicit block summaries, scores, top-k and merged positions, in loops."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -132,6 +134,8 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
                 rows = [r for r in range(ib * block, (ib + 1) * block) if first <= r < lk]
                 summary_rows = rows if query_rows is None else rows[-query_rows:]
                 qbars = [q[bi, m, [r - first for r in summary_rows]].mean(0) for m in voters]
+                if score_distance is not None:  # the summary turned as a query that far from the keys
+                    qbars = [rope.rotate(qb[None], torch.tensor([score_distance]))[0] for qb in qbars]
                 forced = {jb for jb in range(ib + 1) if jb < sink or jb >= ib - local}
                 others = [jb for jb in range(ib + 1) if jb not in forced]
                 per_voter = [{jb: block_score(qb, key_blocks[jb], score, block // representatives) / math.sqrt(d)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import statements as ref  # noqa: I001
 from longreach.attention import METHODS, check_options
 from longreach.attention.core import Positions
+from longreach.attention.select_merge import SCORES
 from longreach.positions import Rope, default, yarn
 
 TOL = dict(atol=1e-5, rtol=0)
@@ -54,17 +55,19 @@ def test_select_merge_statement(shape, block, top_k, local, sink, mode):
 
 
 @SETTINGS
-@given(shapes(), st.sampled_from([8, 16]), st.integers(1, 3), st.sampled_from(["mean", "minmax", "representatives"]),
-       st.sampled_from([None, 1, 3]), st.booleans(), st.sampled_from([2, 4]), st.sampled_from(["mean", "softmax"]))
+@given(shapes(), st.sampled_from([8, 16]), st.integers(1, 3), st.sampled_from(SCORES),
+       st.sampled_from([None, 1, 3]), st.booleans(), st.sampled_from([2, 4]), st.sampled_from(["mean", "softmax"]),
+       st.sampled_from([None, 0, 40]))
 def test_select_merge_selection_options_statement(shape, block, top_k, score, query_rows, per_head, representatives,
-                                                  vote):
+                                                  vote, score_distance):
     q, k, v = tensors(shape)
     rope = rope_for(q.shape[-1])
     opts = dict(block_size=block, top_k=top_k, local=0, sink=1, score=score, query_rows=query_rows, per_head=per_head,
-                representatives=representatives, vote=vote)
+                representatives=representatives, vote=vote, score_distance=score_distance)
     out = run("select_merge", q, k, v, rope, **opts)
     expected = ref.select_merge(q, k, v, rope, q.shape[-1] ** -0.5, block, top_k, 0, 1, "selected", score=score,
-                                query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote)
+                                query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
+                                score_distance=score_distance)
     torch.testing.assert_close(out, expected, **TOL)
 
 

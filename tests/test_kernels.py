@@ -304,3 +304,41 @@ def test_kernel_offsets_do_not_wrap_past_2_31_elements():
     expected = [[h * head_stride + (first_row + r) * row_stride for r in range(rows)] for h in range(heads)]
     assert out.tolist() == expected
     assert out.max() > 2**31
+
+
+@pytest.mark.parametrize("steps", [16, 1])  # 1: the key blocks split over several programs
+@pytest.mark.parametrize(("score", "representatives", "k_len", "q_len"), [("max", 4, 200, 200), ("max", 4, 300, 40),
+                                                                          ("representatives", 4, 100, 100),
+                                                                          ("representatives", 8, 77, 1)])
+def test_block_max_kernel_matches_the_reference(score, representatives, k_len, q_len, steps, monkeypatch):
+    from longreach.attention.select_merge import block_means, block_scores, key_summary, summary_rows
+    from longreach.kernels import block_scores as kernel
+    from longreach.kernels.block_scores import block_max_scores
+
+    monkeypatch.setattr(kernel, "STEPS", steps)
+
+    block, gen = 16, torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, k_len, 32, generator=gen)
+    q = torch.randn(1, 4, q_len, 32, generator=gen)
+    first = k_len - q_len
+    q_bar = block_means(q, block, first).view(1, 2, 2, -1, 32)  # (b, h_kv, group, nq, d)
+    n_blocks, part = -(-k_len // block), summary_rows(score, block, representatives)
+    summary = key_summary(k, block, score, representatives)
+    expected = block_scores(q_bar, summary, score, n_blocks, part)
+    seen = torch.arange(n_blocks) <= torch.arange(first // block, n_blocks)[:, None]
+    expected = expected.masked_fill(~seen, float("-inf"))
+    out = block_max_scores(q_bar.flatten(1, 2).to(DEVICE), summary[0][:, :, 0].to(DEVICE), n_blocks, part,
+                           32**-0.5, first // block)
+    torch.testing.assert_close(out.view_as(expected).cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["max", "representatives"])
+def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(score, monkeypatch):
+    from longreach import kernels
+
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, 90, 32, generator=gen), torch.randn(1, 2, 150, 32, generator=gen)
+    opts = dict(block_size=16, top_k=2, local=1, sink=1, score=score, query_rows=4, per_head=True)
+    expected = select_blocks(q, k, **opts)
+    monkeypatch.setattr(kernels, "enabled", lambda x: True)
+    assert torch.equal(select_blocks(q.to(DEVICE), k.to(DEVICE), **opts).cpu(), expected)

@@ -80,7 +80,7 @@ METHODS: dict[str, Method] = {
             {**BLOCK, "top_k": _int(0), "local": _int(0), "sink": _int(0),
              "position_mode": Option(str, choices=("selected", "absolute")), "score": Option(str, choices=SCORES),
              "query_rows": _int(1, optional=True), "per_head": Option(bool), "representatives": _int(1),
-             "vote": Option(str, choices=VOTES),
+             "vote": Option(str, choices=VOTES), "score_distance": _int(0, optional=True),
              "train_length": _int(2, optional=True)},
             "correlation-aware select-and-merge block-sparse attention",
         ),

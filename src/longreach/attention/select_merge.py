@@ -8,8 +8,11 @@ longreach's definition of the parts the paper's text did not settle (each an opt
 - correlation of query block i and key block j is qbar_i . kbar_j / sqrt(d), the means of the
   un-rotated vectors, averaged over the query heads of a kv group (so a group shares its
   selection), causal (j <= i); options score key blocks by Quest's per-channel bound
-  (``score="minmax"``) or by their best part mean (``score="representatives"``), summarise a query
-  block by its last ``query_rows`` rows, and select per query head (``per_head``);
+  (``score="minmax"``), by their best part mean (``score="representatives"``) or by their best key
+  (``score="max"``, the block's largest logit against the query summary), summarise a query
+  block by its last ``query_rows`` rows, select per query head (``per_head``), and turn the query
+  summary by the rotary angle of a distance (``score_distance``: the key blocks are scored as the
+  attention would see them that far away, as InfLLM gives all distant memory one distance);
 - each query block keeps its ``top_k`` best key blocks plus its own block, the ``local`` blocks
   before it and the first ``sink`` blocks;
 - merge: the kept blocks, in original order, form one sequence attended with one softmax
@@ -41,7 +44,7 @@ from .core import (
     tile_budget,
 )
 
-SCORES = ("mean", "minmax", "representatives")
+SCORES = ("mean", "minmax", "representatives", "max")
 VOTES = ("mean", "softmax")
 
 
@@ -73,28 +76,36 @@ def _padded_blocks(x: Tensor, block: int, fill: float) -> Tensor:
     return x.view(*x.shape[:2], -1, block, x.shape[3])
 
 
+def summary_rows(score: str, block: int, representatives: int) -> int:
+    """Rows of :func:`key_summary` per key block: 1 (``mean``), ``representatives`` or ``block`` (``max``)."""
+    if score == "representatives" and block % representatives:
+        raise ValueError(f"select_merge: block_size {block} must be a multiple of representatives {representatives}")
+    return {"representatives": representatives, "max": block}.get(score, 1)
+
+
 def key_summary(k: Tensor, block: int, score: str, representatives: int) -> tuple[Tensor, ...]:
     """What ``score`` keeps of each key block of k (b, h_kv, Lk, d), each (b, h_kv, 1, n, d): the mean key
-    (``mean``), the per-channel maximum and minimum (``minmax``), or the means of the block's
-    ``representatives`` equal parts, n = n_blocks * representatives (``representatives``)."""
-    if score == "mean":
-        return (block_means(k, block)[:, :, None],)
+    (``mean``), the per-channel maximum and minimum (``minmax``), the means of the block's
+    ``representatives`` equal parts, n = n_blocks * representatives (``representatives``), or every key
+    (``max``)."""
+    if score == "max":
+        return (k[:, :, None],)
     if score == "minmax":
         kf = k.float() if k.dtype in (torch.float16, torch.bfloat16) else k
         return (_padded_blocks(kf, block, float("-inf")).amax(3)[:, :, None],
                 _padded_blocks(kf, block, float("inf")).amin(3)[:, :, None])
-    if block % representatives:
-        raise ValueError(f"select_merge: block_size {block} must be a multiple of representatives {representatives}")
-    return (block_means(k, block // representatives)[:, :, None],)
+    return (block_means(k, block // summary_rows(score, block, representatives))[:, :, None],)
 
 
-def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, representatives: int) -> Tensor:
+def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, part: int) -> Tensor:
     """Scores (b, h_kv, g, nq, n_blocks) of query summaries q_bar (b, h_kv, g, nq, d) against
     :func:`key_summary`'s, divided by sqrt(d):
     - ``mean``: q_bar . kbar_j, the block's mean key;
     - ``minmax``: Quest's bound sum_c max(q_c min_c, q_c max_c) over the block's per-channel extremes;
     - ``representatives``: the best q_bar . r over the means r of the block's equal parts (a few
-      representative keys per block, as InfLLM scores its memory units by its representative tokens).
+      representative keys per block, as InfLLM scores its memory units by its representative tokens);
+    - ``max``: the best q_bar . k over the block's keys.
+    ``part`` is :func:`summary_rows`: the summary rows per block.
     """
     scale = q_bar.shape[-1] ** -0.5
     if score == "minmax":
@@ -102,16 +113,33 @@ def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_block
         qf = q_bar.to(top.dtype)
         return (qf.clamp_min(0) @ top.transpose(-1, -2) + qf.clamp_max(0) @ low.transpose(-1, -2)) * scale
     scores = q_bar @ summary[0].transpose(-1, -2).to(q_bar.dtype) * scale
-    if score == "mean":
+    if part == 1:
         return scores
-    missing = n_blocks * representatives - scores.shape[-1]
+    missing = n_blocks * part - scores.shape[-1]
     scores = torch.cat([scores, scores.new_full((*scores.shape[:-1], missing), float("-inf"))], -1)
-    return scores.view(*scores.shape[:-1], n_blocks, representatives).amax(-1)
+    return scores.view(*scores.shape[:-1], n_blocks, part).amax(-1)
+
+
+def _fused(score: str, q: Tensor, part: int) -> bool:
+    """Whether a block's best row is scored by the kernel, which never writes the (rows x keys) products."""
+    return (score in ("representatives", "max") and kernels.enabled(q) and q.shape[-1] in kernels.HEAD_DIMS
+            and not part & (part - 1) and part <= 128)
+
+
+def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, part: int, fused: bool,
+                  first_block: int) -> Tensor:
+    if not fused:
+        return block_scores(q_bar, summary, score, n_blocks, part)
+    from ..kernels.block_scores import block_max_scores
+
+    out = block_max_scores(q_bar.flatten(1, 2), summary[0][:, :, 0], n_blocks, part, q_bar.shape[-1] ** -0.5,
+                           first_block)
+    return out.view(*q_bar.shape[:-1], n_blocks)
 
 
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
                   query_rows: int | None = None, per_head: bool = False, representatives: int = 4,
-                  vote: str = "mean") -> Tensor:
+                  vote: str = "mean", rope: Rope | None = None, score_distance: int | None = None) -> Tensor:
     """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending.
 
     q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. Each query
@@ -119,13 +147,17 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     key blocks by :func:`block_scores`; the query heads of a kv group share one selection unless
     ``per_head``: by the mean of their scores (``vote="mean"``) or by the sum of each head's softmax over
     the candidate blocks (``vote="softmax"``, TokenSelect's soft voting: a head sure of a block outvotes
-    heads that spread their attention). Scores are formed for a bounded number of query blocks at a time,
+    heads that spread their attention). With ``score_distance`` the summaries are turned by ``rope`` at
+    that position first, so each score is the rotary logit at that distance. Scores are formed for a
+    bounded number of query blocks at a time,
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
     """
     group = check_shapes(q, k, k)
     b, h, q_len, d = q.shape
     h_kv, first = k.shape[1], k.shape[2] - q_len
     q_bar = block_means(q, block_size, first, query_rows).view(b, h_kv, group, -1, d)
+    if score_distance is not None:
+        q_bar = require_rope(rope, "select_merge score_distance").rotate(q_bar, q_bar.new_full((1,), score_distance))
     if score == "mean" and not per_head and vote == "mean":  # linear in q: the group's mean query, one product
         q_bar = q_bar.mean(2, keepdim=True)
     n_q, n_k = q_bar.shape[3], -(-k.shape[2] // block_size)
@@ -138,14 +170,17 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     near = torch.where((near >= sink) & (near >= 0), near, n_k)
     picked = torch.full((b, heads, n_q, top_k), n_k, dtype=torch.long, device=device)
     take = min(top_k, n_k)
-    width = n_k * (representatives if score == "representatives" else 1)
+    part = summary_rows(score, block_size, representatives)
+    fused = _fused(score, q, part)
+    width = n_k * (1 if fused else part)
     rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives)
     for lo in range(0, n_q if take else 0, rows):
         qb = q_block[lo : lo + rows]
         candidate = (key_block >= sink) & (key_block < qb - local)
-        scores = block_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, representatives)
+        scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
+                               first // block_size + lo)
         scores = scores.masked_fill(~candidate, float("-inf"))
         if per_head:
             scores = scores.flatten(1, 2)
@@ -200,19 +235,22 @@ def select_merge(
     per_head: bool = False,
     representatives: int = 4,
     vote: str = "mean",
+    score_distance: int | None = None,
     train_length: int | None = None,
 ) -> Tensor:
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
 
-    ``score``, ``query_rows``, ``per_head``, ``representatives`` and ``vote`` choose how blocks are selected
-    (:func:`select_blocks`). With ``position_mode="selected"``, a merged span that may exceed
+    ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote`` and ``score_distance`` choose how
+    blocks are selected (:func:`select_blocks`, turning the summaries with the merged positions' rotary).
+    With ``position_mode="selected"``, a merged span that may exceed
     ``train_length`` (the model's trained length) has its positions linearly interpolated into it.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
-                           query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote)
     if position_mode == "selected":
         rope = merged_rope(require_rope(rope, "select_merge"), (sink + top_k + local + 1) * block_size, train_length)
+    blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
+                           query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
+                           rope=rope, score_distance=score_distance)
     if kernels.use_kernel(q, positions, block_size):
         return kernels.sparse_attention(q, k, v, blocks, positions=positions, rope=rope, block_size=block_size,
                                     scale=scale, merged_positions=position_mode == "selected")

@@ -1,0 +1,75 @@
+"""select_merge's block scores by a block's best row, in one pass: a drop-in for
+:func:`longreach.attention.select_merge.block_scores` with ``score="max"`` (every key of a block) or
+``score="representatives"`` (the block's part means).
+
+The reference multiplies every query summary by every key (or part mean), an (nq x L) tensor, then
+takes each block's maximum. Here a program holds (ROWS query summaries) x (a tile of keys) products on
+the tensor cores and reduces each block's columns in registers, so only the (nq x n_blocks) scores are
+written, and only for the blocks a query block may causally see.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import HEAD_DIMS
+from .tiles import batch_head, row_offsets
+
+# A program scores ROWS summaries against STEPS tiles of KEYS key rows: many programs even when a
+# chunk holds few query blocks (a 4M-token prompt's chunks hold about 30).
+ROWS, KEYS, STEPS = 64, 128, 16
+
+
+@triton.jit
+def _block_max_kernel(Q, K, OUT, sqb, sqh, sqn, skb, skh, skn, sob, soh, son, H, GROUP, NQ, NB, NK, FIRST, scale,
+                      PART: tl.constexpr, ROWS: tl.constexpr, KEYS: tl.constexpr, STEPS: tl.constexpr,
+                      D: tl.constexpr, DOT: tl.constexpr):
+    # Program (b * H + h, i, j): query summaries i * ROWS.. (query block FIRST + row) of head h against key
+    # blocks j * STEPS * COLS.. of kv head h // GROUP; block c is key rows c * PART .. c * PART + PART - 1,
+    # rows past NK absent.
+    _, b, h = batch_head(0, H)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    dh = tl.arange(0, D)
+    q = tl.load(Q + b * sqb + h * sqh + row_offsets(rows, sqn) + dh[None, :], mask=(rows < NQ)[:, None], other=0.0)
+    keys = K + b * skb + (h // GROUP) * skh
+    out = OUT + b * sob + h * soh + row_offsets(rows, son)
+    COLS: tl.constexpr = KEYS // PART
+    seen = tl.minimum(NB, FIRST + tl.minimum(tl.program_id(1) * ROWS + ROWS, NQ))
+    lo = tl.program_id(2) * STEPS * COLS
+    for c0 in range(lo, tl.minimum(lo + STEPS * COLS, NB), COLS):
+        blocks = c0 + tl.arange(0, COLS)
+        best = tl.full((ROWS, COLS), float("-inf"), tl.float32)
+        if c0 < seen:
+            index = c0 * PART + tl.arange(0, KEYS)
+            k = tl.load(keys + row_offsets(index, skn) + dh[None, :], mask=(index < NK)[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
+            s = tl.where((index < NK)[None, :], s, float("-inf"))
+            best = tl.max(tl.reshape(s, (ROWS, COLS, PART)), axis=2)
+            best = tl.where(blocks[None, :] <= FIRST + rows[:, None], best, float("-inf"))
+        tl.store(out + blocks[None, :], best, mask=(rows < NQ)[:, None] & (blocks < NB)[None, :])
+
+
+def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scale: float, first: int = 0) -> Tensor:
+    """(b, h, nq, n_blocks) float32: for query summary i of q_bar (b, h, nq, d) and key block c, the
+    largest q . k * ``scale`` over the block's rows k of ``keys`` (b, h_kv, n, d), rows c * part ..
+    c * part + part - 1 (rows from n on are absent; a block without rows scores -inf). Summary i belongs
+    to query block ``first`` + i and sees blocks c <= first + i only: later blocks score -inf. Query head
+    j reads kv head j // (h / h_kv). q_bar is cast to keys' dtype, so 16-bit keys use the tensor cores."""
+    b, h, nq, d = q_bar.shape
+    h_kv, n_keys = keys.shape[1], keys.shape[2]
+    if d not in HEAD_DIMS or h % h_kv or part & (part - 1) or not 1 <= part <= KEYS:
+        raise ValueError(f"block_max_scores kernel: head_dim must be in {HEAD_DIMS}, heads a multiple of kv heads "
+                         f"and part a power of two in [1, {KEYS}], got d={d}, heads={h}, kv heads={h_kv}, "
+                         f"part={part}")
+    q_bar = q_bar.to(keys.dtype)
+    q_bar = q_bar if q_bar.stride(-1) == 1 else q_bar.contiguous()
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    out = torch.empty(b, h, nq, n_blocks, device=q_bar.device, dtype=torch.float32)
+    grid = (b * h, triton.cdiv(nq, ROWS), triton.cdiv(n_blocks * part, STEPS * KEYS))
+    _block_max_kernel[grid](q_bar, keys, out, *q_bar.stride()[:3], *keys.stride()[:3], *out.stride()[:3], h,
+                            h // h_kv, nq, n_blocks, n_keys, first, scale, PART=part, ROWS=ROWS, KEYS=KEYS,
+                            STEPS=STEPS, D=d, DOT="ieee" if keys.dtype == torch.float32 else "tf32")
+    return out
