@@ -113,8 +113,8 @@ def block_score(qb, keys, score, part):
     return max(float(qb @ keys[lo:lo + part].mean(0)) for lo in range(0, len(keys), part))
 
 
-def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="mean", query_rows=None,
-                 per_head=False, representatives=4, vote="mean", score_distance=None):
+def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="max", query_rows=8,
+                 per_head=True, representatives=4, vote="mean", score_distance=512):
     """Brute force: explicit block summaries, scores, top-k and merged positions, in loops."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]

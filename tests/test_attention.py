@@ -252,3 +252,27 @@ def test_self_extend_auto_group_covers_the_length(k_len, expected_group):
     opts = dict(train_length=train_length, window=window, block_size=32)
     torch.testing.assert_close(run("self_extend", q, k, v, rope, group_size="auto", **opts),
                                ref.self_extend(q, k, v, rope, 16 ** -0.5, expected_group, window), **TOL)
+
+
+def test_select_blocks_breaks_score_ties_by_the_lower_block():
+    from longreach.attention.select_merge import top_indices
+
+    scores = torch.tensor([[0.5, 0.9, 0.7, 0.9, 0.7, 0.7, float("-inf")]])
+    assert sorted(top_indices(scores, 3)[0].tolist()) == [1, 2, 3]
+    assert sorted(top_indices(scores, 4)[0].tolist()) == [1, 2, 3, 4]
+    assert sorted(top_indices(scores.flip(-1), 3)[0].tolist()) == [1, 3, 5]  # 0.9 at 3 and 5, then 0.7 at 1
+    many = torch.zeros(3, 1000)  # all tied: the first ones, whatever the shape
+    assert (top_indices(many, 5).sort(-1).values == torch.arange(5)).all()
+
+
+@pytest.mark.parametrize(("block", "first", "length"), [(8, 0, 70), (16, 3, 70), (16, 21, 5), (8, 16, 1)])
+@pytest.mark.parametrize("last_rows", [None, 1, 3, 7])
+def test_block_means_of_the_last_rows(block, first, length, last_rows):
+    from longreach.attention.select_merge import block_means
+
+    x = torch.randn(2, 3, length, 4, dtype=torch.float64)
+    expected = []
+    for c in range(first // block, (first + length - 1) // block + 1):
+        rows = [t for t in range(length) if (first + t) // block == c]
+        expected.append(x[:, :, rows[-last_rows:] if last_rows else rows].mean(2))
+    torch.testing.assert_close(block_means(x, block, first, last_rows), torch.stack(expected, 2))

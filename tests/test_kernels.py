@@ -97,8 +97,8 @@ def test_select_merge_rotary_in_kernel(dtype, q_len, scaled):
     # yarn multiplies cos and sin by its temperature, which the kernel folds into the in-block turn.
     rope = yarn(32, 10000.0, 4.0, 64) if scaled else default(32, 10000.0)
     assert (rope.scaling != 1.0) == scaled
-    opts = dict(block_size=16, top_k=2, local=1, sink=1)
-    table = select_blocks(q, k, **opts)
+    opts = dict(block_size=16, top_k=2, local=1, sink=1, score="max", query_rows=8, per_head=True, score_distance=40)
+    table = select_blocks(q, k, rope=rope, **opts)
     out = block_sparse_attention(q, k, v, table, block_size=16, inv_freq=rope.inv_freq, rotary_scaling=rope.scaling)
     rq, rk, rv = upcast(q, k, v)
     ref = select_merge(rq, rk, rv, positions=Positions.contiguous(1, q_len, 100, DEVICE), rope=rope, **opts)
@@ -110,7 +110,8 @@ def test_select_merge_rotary_in_kernel(dtype, q_len, scaled):
 def test_select_merge_kernel_takes_a_table_per_query_head():
     q, k, v = inputs(1, 4, 2, 100, 100, 32, torch.float32)
     rope = default(32, 10000.0)
-    opts = dict(block_size=16, top_k=2, local=1, sink=1, per_head=True, score="minmax", query_rows=4)
+    opts = dict(block_size=16, top_k=2, local=1, sink=1, per_head=True, score="minmax", query_rows=4,
+                score_distance=None)
     table = select_blocks(q, k, **opts)
     assert not torch.equal(table[:, 0], table[:, 1])  # heads of one kv group select apart
     out = block_sparse_attention(q, k, v, table, block_size=16, inv_freq=rope.inv_freq)

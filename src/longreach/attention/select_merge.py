@@ -5,14 +5,17 @@ key regions per query region (selection), the picked regions are attended togeth
 for pre-training/extrapolation rotary positions go on the selected tokens only.
 longreach's definition of the parts the paper's text did not settle (each an option):
 - blocks of ``block_size`` B = 64 tokens, the last one ragged;
-- correlation of query block i and key block j is qbar_i . kbar_j / sqrt(d), the means of the
-  un-rotated vectors, averaged over the query heads of a kv group (so a group shares its
-  selection), causal (j <= i); options score key blocks by Quest's per-channel bound
-  (``score="minmax"``), by their best part mean (``score="representatives"``) or by their best key
-  (``score="max"``, the block's largest logit against the query summary), summarise a query
-  block by its last ``query_rows`` rows, select per query head (``per_head``), and turn the query
-  summary by the rotary angle of a distance (``score_distance``: the key blocks are scored as the
-  attention would see them that far away, as InfLLM gives all distant memory one distance);
+- correlation of query block i and key block j (causal, j <= i) is, by default, the largest
+  rotary logit R(512) qbar_i . k / sqrt(d) over the un-rotated keys k of block j, with qbar_i the
+  mean of the block's last 8 query rows turned to a distance of 512 positions, chosen per query head
+  (``score="max"``, ``query_rows=8``, ``score_distance=512``, ``per_head=True``: measured on
+  SmolLM2 needles, `benchmarks/results/smollm2/selection/`). The options: score key blocks by their
+  mean key (``"mean"``, the block means of the paper's region correlation), Quest's per-channel bound
+  (``"minmax"``) or their best part mean (``"representatives"``); summarise a query block by all its
+  rows (``query_rows=None``); leave the summary un-turned (``score_distance=None``); share one
+  selection per kv group (``per_head=False``) by the heads' mean score or softmax vote (``vote``).
+  Turning the summary scores a block as attention would see it that far away (InfLLM gives all
+  distant memory one distance); un-rotated, the high-frequency channels add noise;
 - each query block keeps its ``top_k`` best key blocks plus its own block, the ``local`` blocks
   before it and the first ``sink`` blocks;
 - merge: the kept blocks, in original order, form one sequence attended with one softmax
@@ -21,7 +24,7 @@ longreach's definition of the parts the paper's text did not settle (each an opt
   query the position of its own key, so no relative distance exceeds the merged length;
   ``positions="absolute"`` keeps the model's own positions. A merged span longer than the model's
   ``train_length`` has its merged positions linearly interpolated into that length.
-In decoding the query-block mean is over the query rows present in the call.
+In decoding the query-block summary is over the query rows present in the call.
 """
 
 from __future__ import annotations
@@ -57,15 +60,25 @@ def block_means(x: Tensor, block: int, first: int = 0, last_rows: int | None = N
     b, h, length, d = x.shape
     lead, tail = first % block, -(first + length) % block
     acc = torch.promote_types(x.dtype, torch.float32)
+    if last_rows is not None and last_rows < block:
+        return _last_rows_means(x, block, lead, last_rows, acc)
     slot = torch.arange(lead + length + tail, device=x.device)
     weight = (slot >= lead) & (slot < lead + length)
-    if last_rows is not None:
-        block_last = ((slot // block + 1) * block).clamp_max(lead + length) - 1
-        weight &= block_last - slot < last_rows
-        x = x * weight[lead : lead + length, None].to(x.dtype)
     padded = x if not (lead or tail) else torch.cat([x.new_zeros(b, h, lead, d), x, x.new_zeros(b, h, tail, d)], 2)
     sums = padded.view(b, h, -1, block, d).sum(3, dtype=acc)
     return sums / weight.to(acc).view(-1, block).sum(1).clamp_min(1)[:, None]
+
+
+def _last_rows_means(x: Tensor, block: int, lead: int, last_rows: int, acc: torch.dtype) -> Tensor:
+    """:func:`block_means` over the last ``last_rows`` rows of each block, gathered: only those rows are read."""
+    b, h, length, d = x.shape
+    start = torch.arange(0, lead + length, block, device=x.device)
+    end = (start + block).clamp_max(lead + length)
+    rows = end[:, None] - last_rows + torch.arange(last_rows, device=x.device)
+    held = rows >= start.clamp_min(lead)[:, None]
+    picked = x.index_select(2, (rows.clamp_min(lead) - lead).flatten()).view(b, h, -1, last_rows, d)
+    sums = (picked * held[..., None].to(x.dtype)).sum(3, dtype=acc)
+    return sums / held.sum(1).to(acc)[:, None]
 
 
 def _padded_blocks(x: Tensor, block: int, fill: float) -> Tensor:
@@ -124,6 +137,19 @@ def _fused(score: str, q: Tensor, part: int) -> bool:
     """Whether a block's best row is scored by the kernel, which never writes the (rows x keys) products."""
     return (score in ("representatives", "max") and kernels.enabled(q) and q.shape[-1] in kernels.HEAD_DIMS
             and not part & (part - 1) and part <= 128)
+
+
+def top_indices(scores: Tensor, take: int) -> Tensor:
+    """Indices (..., take) of the ``take`` largest of ``scores`` (..., n), ties going to the lower index.
+
+    torch.topk leaves ties to its kernel, which may break them differently for another tensor shape, so
+    a prompt prefilled in chunks could select other blocks than in one pass (a block's best key ties
+    with another block's wherever a token repeats, as in the first layer)."""
+    threshold = scores.topk(take, dim=-1).values[..., -1:]
+    above, tied = scores > threshold, scores == threshold
+    chosen = above | (tied & (tied.cumsum(-1) <= take - above.sum(-1, keepdim=True)))
+    rank = torch.arange(scores.shape[-1], 0, -1, device=scores.device)  # distinct: the lower index first
+    return (chosen * rank).topk(take, dim=-1).indices
 
 
 def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, part: int, fused: bool,
@@ -189,8 +215,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             scores = scores.masked_fill(~candidate, float("-inf"))
         else:
             scores = scores.mean(2)
-        best = scores.topk(take, dim=-1)
-        picked[:, :, lo : lo + rows, :take] = torch.where(torch.isfinite(best.values), best.indices, n_k)
+        best = top_indices(scores, take)
+        picked[:, :, lo : lo + rows, :take] = torch.where(torch.isfinite(scores.gather(-1, best)), best, n_k)
     forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
     table = torch.cat([forced, picked], dim=-1).sort(dim=-1).values
     table = torch.where(table < n_k, table, -1)
@@ -230,12 +256,12 @@ def select_merge(
     local: int = 2,
     sink: int = 1,
     position_mode: str = "selected",
-    score: str = "mean",
-    query_rows: int | None = None,
-    per_head: bool = False,
+    score: str = "max",
+    query_rows: int | None = 8,
+    per_head: bool = True,
     representatives: int = 4,
     vote: str = "mean",
-    score_distance: int | None = None,
+    score_distance: int | None = 512,
     train_length: int | None = None,
 ) -> Tensor:
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
