@@ -4,6 +4,11 @@
 small Llama (grouped-query attention, RoPE) at 512 tokens on the corpus mixed with synthetic
 passkey and needle prompts, then records held-out perplexity and passkey accuracy and saves the
 weights (bfloat16 safetensors) with the tokenizer and ``training.json``.
+
+``--attention NAME --option KEY=VALUE ...`` pretrains under any registered attention method (e.g.
+``--attention select_merge --option block_size=32 --option top_k=4``, rotary positions on the selected
+tokens by default); the held-out loss and passkey are measured under it too, and the saved model is the
+plain transformers model (``longreach.extend`` it with the same method to use it as trained).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from ..cli import parse_options
 from ..evals.passkey import passkey
+from ..hf import extend, restore
 from ..train.data import token_stream
 from .corpus import read
 from .data import Batches
@@ -65,6 +72,9 @@ def train(args: argparse.Namespace) -> dict:
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **ARCHITECTURE)
     model = LlamaForCausalLM(config).to(DEVICE)
+    options = parse_options(tuple(args.option))
+    if args.attention != "dense" or options:  # the dense recipe keeps transformers' own SDPA
+        extend(model, attention=args.attention, **options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                                   fused=DEVICE == "cuda")
     batches = Batches(tokenizer, stream, ARCHITECTURE["max_position_embeddings"], args.retrieval, args.seed)
@@ -89,11 +99,12 @@ def train(args: argparse.Namespace) -> dict:
     records = passkey(model, tokenizer, args.passkey_lengths, [0.0, 0.25, 0.5, 0.75, 1.0], trials=20,
                       batch_size=20)
     result = {"architecture": ARCHITECTURE, "parameters": sum(p.numel() for p in model.parameters()),
-              "steps": step, "batch": args.batch, "length": batches.length,
+              "attention": args.attention, "options": options, "steps": step, "batch": args.batch,
+              "length": batches.length,
               "tokens": step * args.batch * batches.length, "seconds": round(time.time() - start, 1),
               "training_tokens_unique": int(len(stream)), "retrieval_share": args.retrieval, "peak_lr": args.lr,
               "heldout_loss": loss, "heldout_perplexity": math.exp(loss), "passkey": records, "loss_curve": curve}
-    model.to(torch.bfloat16).save_pretrained(args.out, max_shard_size="15MB")
+    restore(model).to(torch.bfloat16).save_pretrained(args.out, max_shard_size="15MB")
     tokenizer.save_pretrained(args.out)
     (args.out / "training.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -110,6 +121,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--retrieval", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", default="dense", help="registered attention method to pretrain under")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="the method's options")
     parser.add_argument("--passkey-lengths", type=lambda s: [int(x) for x in s.split(",")],
                         default=[128, 256, 512, 1024, 2048])
     result = train(parser.parse_args())
