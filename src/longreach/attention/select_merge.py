@@ -147,9 +147,11 @@ def top_indices(scores: Tensor, take: int) -> Tensor:
     with another block's wherever a token repeats, as in the first layer)."""
     threshold = scores.topk(take, dim=-1).values[..., -1:]
     above, tied = scores > threshold, scores == threshold
-    chosen = above | (tied & (tied.cumsum(-1) <= take - above.sum(-1, keepdim=True)))
-    rank = torch.arange(scores.shape[-1], 0, -1, device=scores.device)  # distinct: the lower index first
-    return (chosen * rank).topk(take, dim=-1).indices
+    room = take - above.sum(-1, keepdim=True, dtype=torch.int32)
+    chosen = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))
+    # distinct for the chosen (float32 holds every index below 2**24 blocks): the lower index first
+    rank = torch.arange(scores.shape[-1], 0, -1, device=scores.device, dtype=torch.float32)
+    return torch.where(chosen, rank, 0.0).topk(take, dim=-1).indices
 
 
 def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, part: int, fused: bool,
