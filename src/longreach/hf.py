@@ -31,6 +31,7 @@ from . import cache as policies
 from . import positions as pos
 from .attention import METHODS, Positions, check_options, get_method
 from .clex import Clex
+from .parallel import SequenceParallel, check_heads, gather_positions, heads_from_sequence, sequence_from_heads
 
 PREFIX = "longreach_"
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -93,6 +94,7 @@ class Setup:
     cache_options: dict[str, Any] = field(default_factory=dict)
     hooks: list = field(default_factory=list)
     active: policies.PolicyCache | None = None
+    parallel: SequenceParallel | None = None
 
 
 class UnappliedRotary(nn.Module):
@@ -129,6 +131,14 @@ def _attention(name: str):
         # The identity rotary multiplies q and k by float32 ones when the residual stream is float32
         # (trainable fp32 embeddings beside bf16 weights under autocast): that upcast is exact, undo it.
         query, key = query.to(value.dtype), key.to(value.dtype)
+        if setup is not None and setup.parallel is not None:
+            return _ulysses(partial(attend, setup, module), setup.parallel, query, key, value, attention_mask,
+                            scaling, position_ids, **kwargs)
+        return attend(setup, module, query, key, value, attention_mask, scaling, position_ids, **kwargs)
+
+    def attend(setup: Setup | None, module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
+               attention_mask: Tensor | None, scaling: float | None, position_ids: Tensor | None,
+               **kwargs: Any) -> tuple[Tensor, None]:
         batch, _, q_len, _ = query.shape
         k_len = key.shape[2]
         if position_ids is None:
@@ -161,6 +171,25 @@ def _attention(name: str):
         return out.transpose(1, 2).contiguous(), None
 
     return attention
+
+
+# Methods whose pattern depends on a head's index among all heads, which a rank's head slice does not know.
+HEAD_PATTERNED = ("s2", "sf")
+
+
+def _ulysses(attend, sp: SequenceParallel, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+             scaling: float | None, position_ids: Tensor | None, **kwargs: Any) -> tuple[Tensor, None]:
+    """``attend`` over the whole sequence for this rank's heads, from and back to this rank's shard."""
+    if attention_mask is not None or key.shape[2] != query.shape[2]:
+        raise ValueError("sequence parallel: padded batches and KV caches are not supported; run unpadded rows "
+                         "with use_cache=False")
+    if position_ids is None:
+        raise ValueError("sequence parallel: pass each rank's global position_ids (its shard of 0..L-1)")
+    batch, _, shard_len, _ = query.shape
+    positions = gather_positions(position_ids.expand(batch, shard_len), sp)
+    query, key, value = (heads_from_sequence(t, sp) for t in (query, key, value))
+    out, _ = attend(query, key, value, None, scaling, positions, **kwargs)  # (b, L, h/N, d)
+    return sequence_from_heads(out.transpose(1, 2), sp).transpose(1, 2).contiguous(), None
 
 
 def _policy_layer(setup: Setup | None, module: nn.Module, key: Tensor) -> policies.PolicyLayer | None:
@@ -330,8 +359,10 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
     with ``factor=``, ``original_max_position=`` (default: the config's max_position_embeddings)
     and the scheme's options. ``attention``: a method from :func:`attention_methods` (default
     ``dense``) with its options. ``cache``: a policy from :func:`longreach.cache.policies` with
-    ``budget=`` and its options; every caching forward (``generate``) then starts one. Calling
-    ``extend`` again replaces the earlier configuration.
+    ``budget=`` and its options; every caching forward (``generate``) then starts one.
+    ``sequence_parallel=``: a :class:`longreach.parallel.SequenceParallel`; each rank then passes its shard
+    of the sequence and of the global position ids, and the method runs as Ulysses' local attention.
+    Calling ``extend`` again replaces the earlier configuration.
     """
     if position is not None and position not in POSITION_OPTIONS:
         raise ValueError(f"unknown position scheme {position!r}; choose one of {sorted(POSITION_OPTIONS)} or None")
@@ -344,6 +375,14 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
     cache_opts = {k: options.pop(k) for k in list(options) if k in cache_keys}
     if cache is not None:
         policies.make_cache(cache, 1, **cache_opts)
+    parallel = options.pop("sequence_parallel", None)
+    if parallel is not None:
+        check_heads(model.config.num_attention_heads, model.config.num_key_value_heads, parallel)
+        if cache is not None:
+            raise ValueError("sequence_parallel: cache policies are not supported with sequence parallelism")
+        if method in HEAD_PATTERNED:
+            raise ValueError(f"sequence_parallel: attention={method!r} shifts half of the heads, and each rank "
+                             f"sees a slice of them; supported are the other methods")
     rope_opts, attn_opts = _split_options(position, method, options)
     for key in TRAIN_LENGTH_OPTIONS:
         if key in METHODS[method].options and key not in attn_opts:
@@ -355,7 +394,7 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
         backbone.clex = rope
     register()
     setup = Setup(method, attn_opts, rope, position, backbone.rotary_emb, model.config._attn_implementation,
-                  cache, cache_opts)
+                  cache, cache_opts, parallel=parallel)
     # On the backbone, which creates the cache when none is given, whichever module the caller calls.
     setup.hooks = [backbone.register_forward_pre_hook(partial(_use_policy_cache, setup, model.config),
                                                       with_kwargs=True),
