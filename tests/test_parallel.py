@@ -1,5 +1,6 @@
 """Ulysses sequence parallelism on the CPU: N gloo processes, each with 1/N of the sequence, give the
-single-process logits and gradients for every method tried."""
+single-process logits and gradients, and the LoRA fine-tuning loss, gradients and step, for every
+method tried."""
 
 import os
 import socket
@@ -12,6 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import longreach
 from longreach.parallel import SequenceParallel, check_heads, sequence_parallel, shard
+from longreach.train import FinetuneConfig, finetune, prepare
+from longreach.train.loop import sequence_loss
 
 LENGTH = 128
 SETUPS = [
@@ -54,11 +57,38 @@ def worker(rank: int, size: int, port: int, failures) -> None:
             for g, expected in zip(part_grads, grads, strict=True):
                 dist.all_reduce(g)  # each rank's loss is its shard's share: the gradients add up
                 torch.testing.assert_close(g, expected, atol=1e-4, rtol=1e-4, msg=label)
+            training_matches(name, options, sp, label)
     except Exception as error:  # reported to the test, which runs in the parent
         failures.put(f"rank {rank}: {error}")
         raise
     finally:
         dist.destroy_process_group()
+
+
+def lora_step(name, options, sp, rows):
+    """The LoRA model's loss and trainable gradients for ``rows``, and one finetune step's loss."""
+    config = FinetuneConfig(length=LENGTH, steps=1, attention=name, attention_options=options, position=None,
+                            checkpointing=False, loss_chunk=48, sequence_parallel=sp)
+    model = prepare(tiny_llama(), config)
+    loss = sequence_loss(model.get_base_model(), rows, None, config.loss_chunk, sp=sp)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    history = finetune(model, rows, config, progress=False)
+    return loss.detach(), grads, history[0]["loss"]
+
+
+def training_matches(name, options, sp, label) -> None:
+    rows = torch.randint(0, 64, (2, LENGTH + 1), generator=torch.Generator().manual_seed(3))
+    loss, grads, step_loss = lora_step(name, options, None, rows)
+    part, part_grads, part_step_loss = lora_step(name, options, sp, rows)
+    dist.all_reduce(part)
+    torch.testing.assert_close(part, loss, atol=1e-5, rtol=1e-5, msg=label)
+    assert abs(part_step_loss - step_loss) < 1e-5, (name, part_step_loss, step_loss)
+    assert any(g.abs().max() > 0 for g in grads.values())
+    for key, g in part_grads.items():
+        dist.all_reduce(g)
+        torch.testing.assert_close(g, grads[key], atol=1e-4, rtol=1e-4, msg=label)
 
 
 def free_port() -> int:
@@ -89,3 +119,16 @@ def test_sequence_parallel_errors():
         longreach.extend(tiny_llama(), attention="s2", sequence_parallel=SequenceParallel(size=2, rank=0))
     with pytest.raises(ValueError, match="multiples of 16"):  # 8 heads, 4 kv heads
         longreach.extend(tiny_llama(), attention="dense", sequence_parallel=SequenceParallel(size=16, rank=0))
+
+
+def test_sequence_parallel_finetune_needs_torchrun(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from longreach.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    data = tmp_path / "text.txt"
+    data.write_text("words " * 100)
+    result = CliRunner().invoke(main, ["finetune", "--data", str(data), "--length", "64", "--steps", "1",
+                                       "--sequence-parallel", "2", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "torchrun --nproc-per-node 2" in result.output

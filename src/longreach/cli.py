@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from functools import wraps
@@ -235,12 +236,14 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, prog
 @click.option("--accumulation", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--offload", is_flag=True, help="keep checkpointed activations in host memory")
+@click.option("--sequence-parallel", default=1, show_default=True, type=click.IntRange(min=1),
+              help="split each row's positions over N processes (start with torchrun --nproc-per-node N)")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", show_default=True,
               type=click.Choice(list(DTYPES)))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="checkpoint and history directory")
 def finetune_command(model_spec, data, length, steps, attention, position, max_factor, lr, batch_size, accumulation,
-                     save_every, offload, device, dtype, out):
+                     save_every, offload, sequence_parallel, device, dtype, out):
     """Fine-tune at a long context (LoRA + embeddings + norms); resumes from OUT's checkpoint."""
     import json
 
@@ -248,17 +251,36 @@ def finetune_command(model_spec, data, length, steps, attention, position, max_f
     from .train.data import pack
 
     try:
+        sp, device = _join_sequence_parallel(sequence_parallel, device) if sequence_parallel > 1 else (None, device)
         config = FinetuneConfig(length=length, steps=steps, attention=attention, learning_rate=lr,
                                 position=None if position == "none" else position, max_factor=max_factor,
-                                batch_size=batch_size,
-                                accumulation=accumulation, offload_activations=offload)
+                                batch_size=batch_size, accumulation=accumulation, offload_activations=offload,
+                                sequence_parallel=sp)
         model, tokenizer = load(model_spec, device, dtype)
         rows = pack(tokenizer, (p.read_text(errors="replace") for p in data), length)
-        history = finetune(prepare(model, config), rows, config, out=out, save_every=save_every)
+        history = finetune(prepare(model, config), rows, config, out=out, save_every=save_every,
+                           progress=sp is None or sp.rank == 0)
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-    click.echo(f"{len(history)} steps, last loss {history[-1]['loss']:.4f}; wrote {out}")
+    if sp is None or sp.rank == 0:
+        (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        click.echo(f"{len(history)} steps, last loss {history[-1]['loss']:.4f}; wrote {out}")
+
+
+def _join_sequence_parallel(size: int, device: str):
+    """Join torchrun's process group (NCCL on CUDA, each rank on its local GPU; gloo on the CPU)."""
+    import torch.distributed as dist
+
+    from .parallel import sequence_parallel
+
+    if "RANK" not in os.environ:
+        raise ValueError(f"--sequence-parallel {size}: start the command with torchrun --nproc-per-node {size}")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return sequence_parallel(size), device
 
 
 @main.command(name="convert")

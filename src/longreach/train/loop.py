@@ -9,9 +9,11 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from ..loss import token_losses
+from ..parallel import SequenceParallel, shard
 from .recipe import FinetuneConfig, configure, crd_sampler, trainable_parameters
 
 CHECKPOINT = "checkpoint.pt"
@@ -32,14 +34,21 @@ def _offload(config: FinetuneConfig, device: torch.device):
 
 
 def sequence_loss(base: torch.nn.Module, rows: torch.Tensor, position_ids: torch.Tensor | None,
-                  chunk: int, offload=None) -> torch.Tensor:
+                  chunk: int, offload=None, sp: SequenceParallel | None = None) -> torch.Tensor:
     """Mean next-token loss of ``rows`` (b, L + 1); the (b, L, vocab) logits never exist at once.
 
-    ``offload`` (a saved-tensor hooks context) covers the decoder only: the loss's own checkpointed
-    chunks must keep their saved tensors where they were made."""
+    With ``sp`` this rank's share: its shard of the L positions, summed and divided by all b x L tokens,
+    so the ranks' shares add up to the mean. ``offload`` (a saved-tensor hooks context) covers the
+    decoder only: the loss's own checkpointed chunks must keep their saved tensors where they were made."""
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    if sp is not None:
+        if position_ids is None:
+            position_ids = torch.arange(inputs.shape[1], device=rows.device)[None]
+        inputs, targets, position_ids = (shard(t, sp) for t in (inputs, targets, position_ids.expand_as(inputs)))
     with offload or nullcontext():
-        hidden = base.get_decoder()(input_ids=rows[:, :-1], position_ids=position_ids).last_hidden_state
-    return token_losses(hidden, base.get_output_embeddings(), rows[:, 1:], chunk).mean()
+        hidden = base.get_decoder()(input_ids=inputs, position_ids=position_ids).last_hidden_state
+    losses = token_losses(hidden, base.get_output_embeddings(), targets, chunk)
+    return losses.sum() / (rows.shape[0] * (rows.shape[1] - 1))
 
 
 def _rows_for(step: int, micro: int, config: FinetuneConfig, order: torch.Tensor) -> torch.Tensor:
@@ -74,6 +83,8 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
     sampler = crd_sampler(base, config)
     draws = itertools.islice(iter(sampler), len(history), None) if sampler else None
     clex = getattr(base.get_decoder(), "clex", None)
+    sp = config.sequence_parallel
+    writes = out is not None and (sp is None or sp.rank == 0)
     model.train()
     bar = tqdm(range(len(history), config.steps), disable=not progress, desc="finetune", unit="step")
     for step in bar:
@@ -95,10 +106,12 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
                 position_ids = clex.train_step(config.length, generator).to(device)[None]
                 factor = clex.draw[0]
             with _autocast(base, device):
-                loss = sequence_loss(base, batch, position_ids, config.loss_chunk, _offload(config, device))
+                loss = sequence_loss(base, batch, position_ids, config.loss_chunk, _offload(config, device), sp)
                 loss = loss / config.accumulation
             loss.backward()
             total += loss.item()
+        if sp is not None:  # each rank's gradients hold what flowed through its shard; the step needs their sum
+            total = _sum_over(sp, [p.grad for p in params.values() if p.grad is not None], total)
         torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -107,14 +120,23 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
         history.append({"step": step, "loss": total, "lr": lr, "factor": factor, "seconds": seconds,
                         "tokens_per_second": tokens / seconds})
         bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / seconds:,.0f}")
-        if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == config.steps):
+        if writes and ((save_every and (step + 1) % save_every == 0) or step + 1 == config.steps):
             _save(out, params, optimizer, history)
     model.eval()
     if clex is not None:
         clex.end_training()
-        if out is not None:
+        if writes:
             clex.save(out / CLEX_STATE)
     return history
+
+
+def _sum_over(sp: SequenceParallel, grads: list[torch.Tensor], loss: float) -> float:
+    """Sum ``grads`` in place over the ranks of ``sp``; returns the summed ``loss``."""
+    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([loss])])
+    dist.all_reduce(flat, group=sp.group)
+    for g, part in zip(grads, flat[:-1].split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+    return float(flat[-1])
 
 
 def _save(out: Path, params: dict, optimizer: torch.optim.Optimizer, history: list[dict]) -> None:

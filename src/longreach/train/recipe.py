@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..hf import enable_checkpointing, extend, head_dim, peft_wrap
+from ..parallel import SequenceParallel
 from ..positions import CRDNTK
 
 CRD_NTK = "crd_ntk"
@@ -21,7 +22,10 @@ class FinetuneConfig:
     ``position="clex"`` trains CLEX's frequency dynamics with the adapters, drawing t in 1..max_factor
     per forward (:class:`longreach.clex.Clex`; dense attention, which rotates in PyTorch).
     ``offload_activations`` keeps the tensors saved for backward (with checkpointing: each layer's
-    input) in pinned host memory, so GPU memory no longer grows with layers x length."""
+    input) in pinned host memory, so GPU memory no longer grows with layers x length.
+    ``sequence_parallel`` (from :func:`longreach.parallel.sequence_parallel`, one per process) splits
+    each row's positions over the group's ranks: Ulysses attention, each rank's loss share, and the
+    gradients summed over the ranks before every optimizer step."""
 
     length: int
     steps: int
@@ -42,6 +46,7 @@ class FinetuneConfig:
     offload_activations: bool = False
     loss_chunk: int = 1024
     seed: int = 0
+    sequence_parallel: SequenceParallel | None = None
 
     def __post_init__(self) -> None:
         for name in ("length", "steps", "batch_size", "accumulation", "lora_rank", "loss_chunk"):
@@ -72,7 +77,8 @@ def configure(base: nn.Module, config: FinetuneConfig, factor: float | None = No
     """(Re)apply the attention method and position scheme to the un-wrapped model; a fixed scheme's
     factor defaults to training length / trained length, CRD-NTK's is the step's draw."""
     position = _position_kwargs(config, base.config.max_position_embeddings, factor)
-    extend(base, attention=config.attention, **position, **config.attention_options)
+    parallel = {"sequence_parallel": config.sequence_parallel} if config.sequence_parallel else {}
+    extend(base, attention=config.attention, **position, **config.attention_options, **parallel)
 
 
 def crd_sampler(base: nn.Module, config: FinetuneConfig) -> CRDNTK | None:
