@@ -19,16 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from finetune import LLAMA2_7B  # the sibling single-GPU benchmark's model shape
 from torch.profiler import ProfilerActivity, profile
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from longreach.cli import parse_lengths
-from longreach.parallel import sequence_parallel
+from longreach.parallel import join
 from longreach.train import FinetuneConfig, finetune, prepare
 from longreach.train.recipe import configure
 
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 TINY = {**LLAMA2_7B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2}
 
 
@@ -90,11 +89,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    sp = sequence_parallel(dist.get_world_size())
+    sp, device = join(int(os.environ["WORLD_SIZE"]), "cuda" if cuda else "cpu")
+    device = torch.device(device)
     shape = TINY if args.tiny else LLAMA2_7B
     model = build(shape, device)
     records = []

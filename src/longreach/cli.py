@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from functools import wraps
@@ -247,11 +246,12 @@ def finetune_command(model_spec, data, length, steps, attention, position, max_f
     """Fine-tune at a long context (LoRA + embeddings + norms); resumes from OUT's checkpoint."""
     import json
 
+    from .parallel import join
     from .train import FinetuneConfig, finetune, prepare
     from .train.data import pack
 
     try:
-        sp, device = _join_sequence_parallel(sequence_parallel, device) if sequence_parallel > 1 else (None, device)
+        sp, device = join(sequence_parallel, device) if sequence_parallel > 1 else (None, device)
         config = FinetuneConfig(length=length, steps=steps, attention=attention, learning_rate=lr,
                                 position=None if position == "none" else position, max_factor=max_factor,
                                 batch_size=batch_size, accumulation=accumulation, offload_activations=offload,
@@ -265,22 +265,6 @@ def finetune_command(model_spec, data, length, steps, attention, position, max_f
     if sp is None or sp.rank == 0:
         (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         click.echo(f"{len(history)} steps, last loss {history[-1]['loss']:.4f}; wrote {out}")
-
-
-def _join_sequence_parallel(size: int, device: str):
-    """Join torchrun's process group (NCCL on CUDA, each rank on its local GPU; gloo on the CPU)."""
-    import torch.distributed as dist
-
-    from .parallel import sequence_parallel
-
-    if "RANK" not in os.environ:
-        raise ValueError(f"--sequence-parallel {size}: start the command with torchrun --nproc-per-node {size}")
-    if device.startswith("cuda"):
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return sequence_parallel(size), device
 
 
 @main.command(name="convert")

@@ -173,10 +173,6 @@ def _attention(name: str):
     return attention
 
 
-# Methods whose pattern depends on a head's index among all heads, which a rank's head slice does not know.
-HEAD_PATTERNED = ("s2", "sf")
-
-
 def _ulysses(attend, sp: SequenceParallel, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
              scaling: float | None, position_ids: Tensor | None, **kwargs: Any) -> tuple[Tensor, None]:
     """``attend`` over the whole sequence for this rank's heads, from and back to this rank's shard."""
@@ -380,7 +376,7 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
         check_heads(model.config.num_attention_heads, model.config.num_key_value_heads, parallel)
         if cache is not None:
             raise ValueError("sequence_parallel: cache policies are not supported with sequence parallelism")
-        if method in HEAD_PATTERNED:
+        if METHODS[method].head_patterned:
             raise ValueError(f"sequence_parallel: attention={method!r} shifts half of the heads, and each rank "
                              f"sees a slice of them; supported are the other methods")
     rope_opts, attn_opts = _split_options(position, method, options)

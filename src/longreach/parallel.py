@@ -10,6 +10,7 @@ the same exchange run on the gradient, since with equal parts it is its own tran
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,12 +32,24 @@ def sequence_parallel(size: int, group: dist.ProcessGroup | None = None) -> Sequ
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("sequence_parallel: torch.distributed is not initialised (start with torchrun)")
     world = dist.get_world_size(group)
-    if not 1 <= size <= world or world % size:
-        raise ValueError(f"sequence_parallel: size must divide the group's {world} ranks, got {size}")
     if size != world:
         raise ValueError(f"sequence_parallel: size {size} must equal the group's {world} ranks; pass a group "
                          "of size ranks (torch.distributed.new_group) to combine it with data parallelism")
     return SequenceParallel(size, dist.get_rank(group), group)
+
+
+def join(size: int, device: str) -> tuple[SequenceParallel, str]:
+    """Join torchrun's process group (NCCL on CUDA, each rank on its local GPU; gloo on the CPU) as ``size``
+    sequence-parallel ranks; returns the setting and this rank's device."""
+    if "RANK" not in os.environ:
+        raise ValueError(f"sequence parallel over {size} ranks: start the command with torchrun "
+                         f"--nproc-per-node {size}")
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return sequence_parallel(size), device
 
 
 def check_heads(heads: int, kv_heads: int, sp: SequenceParallel) -> None:

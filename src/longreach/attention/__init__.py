@@ -64,6 +64,9 @@ class Method:
     fn: Callable[..., Any]
     options: dict[str, Option]
     summary: str
+    # True where a head's pattern depends on its index among all heads (s2/sf shift half of them), so a
+    # subset of the heads (a sequence-parallel rank's) cannot run it alone.
+    head_patterned: bool = False
 
     def defaults(self) -> dict[str, Any]:
         params = inspect.signature(self.fn).parameters
@@ -85,9 +88,9 @@ METHODS: dict[str, Method] = {
             "correlation-aware select-and-merge block-sparse attention",
         ),
         Method("s2", s2, {**BLOCK, "group_size": _int(2, optional=True), "shift": Option(bool)},
-               "LongLoRA shifted sparse attention"),
+               "LongLoRA shifted sparse attention", head_patterned=True),
         Method("sf", sf, {**BLOCK, "group_size": _int(2, optional=True), "shift": Option(bool), "sink": _int(0)},
-               "SinkLoRA sink-fixed shifted attention"),
+               "SinkLoRA sink-fixed shifted attention", head_patterned=True),
         Method("dca", dca, {**BLOCK, **TRAIN, "chunk_size": _int(2, optional=True),
                             "local_window": _int(0, optional=True), "mscale": Option(bool)}, "dual chunk attention"),
         Method("self_extend", self_extend, {**BLOCK, **TRAIN, "group_size": Option(int, 1, words=(AUTO,)),
