@@ -101,9 +101,14 @@ def softplus(q, k, v, rope, scale, train_length, power):
     return pair_attention(q, k, v, rope, scale, j <= i, i + 0 * j, j + 0 * i, weights)
 
 
-def block_score(qb, keys, score, part):
-    """One query summary against one key block (rows, d): its mean key, Quest's per-channel bound, or
-    the best of the means of its parts of ``part`` rows, or its best key."""
+def block_score(qb, keys, score, part, values=None):
+    """One query summary against one key block (rows, d), times sqrt(d): its mean key, Quest's per-channel
+    bound, or the best of the means of its parts of ``part`` rows, or its best key; with the block's
+    ``values``, the best key by logit + log |v| (its output share exp(logit) |v|)."""
+    if score == "max" and values is not None:
+        root_d = math.sqrt(len(qb))
+        pairs = zip(keys, values, strict=True)
+        return max(float(qb @ key) + root_d * math.log(float(val.norm())) for key, val in pairs)
     if score == "max":
         return max(float(qb @ key) for key in keys)
     if score == "mean":
@@ -114,7 +119,7 @@ def block_score(qb, keys, score, part):
 
 
 def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="max", query_rows=8,
-                 per_head=True, representatives=4, vote="mean", score_distance=512):
+                 per_head=True, representatives=4, vote="mean", score_distance=512, value_norm=False):
     """Brute force: explicit block summaries, scores, top-k and merged positions, in loops."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
@@ -130,6 +135,7 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
             g = hh // group
             voters = [hh] if per_head else list(range(g * group, (g + 1) * group))
             key_blocks = [k[bi, g, jb * block:(jb + 1) * block] for jb in range(n_blocks)]
+            value_blocks = [v[bi, g, jb * block:(jb + 1) * block] if value_norm else None for jb in range(n_blocks)]
             for ib in range(first // block, n_blocks):
                 rows = [r for r in range(ib * block, (ib + 1) * block) if first <= r < lk]
                 summary_rows = rows if query_rows is None else rows[-query_rows:]
@@ -138,7 +144,8 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
                     qbars = [rope.rotate(qb[None], torch.tensor([score_distance]))[0] for qb in qbars]
                 forced = {jb for jb in range(ib + 1) if jb < sink or jb >= ib - local}
                 others = [jb for jb in range(ib + 1) if jb not in forced]
-                per_voter = [{jb: block_score(qb, key_blocks[jb], score, block // representatives) / math.sqrt(d)
+                per_voter = [{jb: block_score(qb, key_blocks[jb], score, block // representatives,
+                                              value_blocks[jb]) / math.sqrt(d)
                               for jb in others} for qb in qbars]
                 if vote == "softmax":  # each head's softmax over the candidates, summed
                     per_voter = [{jb: math.exp(s[jb] - max(s.values())) / sum(math.exp(x - max(s.values()))

@@ -57,17 +57,18 @@ def test_select_merge_statement(shape, block, top_k, local, sink, mode):
 @SETTINGS
 @given(shapes(), st.sampled_from([8, 16]), st.integers(1, 3), st.sampled_from(SCORES),
        st.sampled_from([None, 1, 3]), st.booleans(), st.sampled_from([2, 4]), st.sampled_from(["mean", "softmax"]),
-       st.sampled_from([None, 0, 40]))
+       st.sampled_from([None, 0, 40]), st.booleans())
 def test_select_merge_selection_options_statement(shape, block, top_k, score, query_rows, per_head, representatives,
-                                                  vote, score_distance):
+                                                  vote, score_distance, value_norm):
     q, k, v = tensors(shape)
+    value_norm = value_norm and score == "max"
     rope = rope_for(q.shape[-1])
     opts = dict(block_size=block, top_k=top_k, local=0, sink=1, score=score, query_rows=query_rows, per_head=per_head,
-                representatives=representatives, vote=vote, score_distance=score_distance)
+                representatives=representatives, vote=vote, score_distance=score_distance, value_norm=value_norm)
     out = run("select_merge", q, k, v, rope, **opts)
     expected = ref.select_merge(q, k, v, rope, q.shape[-1] ** -0.5, block, top_k, 0, 1, "selected", score=score,
                                 query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
-                                score_distance=score_distance)
+                                score_distance=score_distance, value_norm=value_norm)
     torch.testing.assert_close(out, expected, **TOL)
 
 
@@ -263,6 +264,23 @@ def test_select_blocks_breaks_score_ties_by_the_lower_block():
     assert sorted(top_indices(scores.flip(-1), 3)[0].tolist()) == [1, 3, 5]  # 0.9 at 3 and 5, then 0.7 at 1
     many = torch.zeros(3, 1000)  # all tied: the first ones, whatever the shape
     assert (top_indices(many, 5).sort(-1).values == torch.arange(5)).all()
+
+
+def test_value_norm_ranks_keys_by_their_output_share():
+    from longreach.attention.select_merge import select_blocks
+
+    # Query block 3 sees key blocks 1 and 2 as candidates (block 0 is its sink): block 1 holds the key of
+    # larger logit (2.0 against 1.5), but its value is 100 times smaller, so its output share is smaller.
+    d, block = 4, 4
+    q, k, v = torch.zeros(1, 1, 16, d), torch.zeros(1, 1, 16, d), torch.ones(1, 1, 16, d)
+    q[0, 0, 12:, 0] = 1.0
+    k[0, 0, 5, 0], k[0, 0, 9, 0] = 2.0 * d**0.5, 1.5 * d**0.5
+    v[0, 0, 5] = 0.01
+    opts = dict(block_size=block, top_k=1, local=0, sink=1, score="max", query_rows=None, per_head=True)
+    assert select_blocks(q, k, **opts)[0, 0, 3].tolist() == [0, 1, 3]
+    assert select_blocks(q, k, v=v, **opts)[0, 0, 3].tolist() == [0, 2, 3]
+    with pytest.raises(ValueError, match="value_norm.*score='max'"):
+        select_blocks(q, k, v=v, **{**opts, "score": "mean"})
 
 
 @pytest.mark.parametrize(("block", "first", "length"), [(8, 0, 70), (16, 3, 70), (16, 21, 5), (8, 16, 1)])

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from longreach.cli import main, parse_lengths
+from longreach.cli import main, parse_lengths, parse_options
 from longreach.evals import prompts, setups
 from longreach.evals.efficiency import efficiency
 from longreach.evals.needle import needle
@@ -189,6 +189,11 @@ def test_setups_parse_and_factor():
         setups.parse("nope")
     model = tiny_model("llama", max_position=256)
     assert setups.factor_for(model, [256, 1000]) == 4.0
+
+
+def test_parse_options_reads_numbers_booleans_and_none():
+    assert parse_options(("top_k=16", "scale=0.5", "per_head=False", "score_distance=none", "score=max")) == {
+        "top_k": 16, "scale": 0.5, "per_head": False, "score_distance": None, "score": "max"}
 
 
 def test_cli_passkey_comparison_writes_table_json_and_plot(tmp_path):

@@ -331,6 +331,13 @@ def test_block_max_kernel_matches_the_reference(score, representatives, k_len, q
     out = block_max_scores(q_bar.flatten(1, 2).to(DEVICE), summary[0][:, :, 0].to(DEVICE), n_blocks, part,
                            32**-0.5, first // block)
     torch.testing.assert_close(out.view_as(expected).cpu(), expected, rtol=1e-5, atol=1e-5)
+    if score == "max":  # each key's log |v| added, as value_norm does
+        v = torch.randn(1, 2, k_len, 32, generator=gen)
+        summary = key_summary(k, block, score, representatives, v)
+        expected = block_scores(q_bar, summary, score, n_blocks, part).masked_fill(~seen, float("-inf"))
+        out = block_max_scores(q_bar.flatten(1, 2).to(DEVICE), k.to(DEVICE), n_blocks, part, 32**-0.5, first // block,
+                               summary[1][:, :, 0, 0].to(DEVICE))
+        torch.testing.assert_close(out.view_as(expected).cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("score", ["max", "representatives"])
@@ -340,6 +347,9 @@ def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(sco
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 4, 90, 32, generator=gen), torch.randn(1, 2, 150, 32, generator=gen)
     opts = dict(block_size=16, top_k=2, local=1, sink=1, score=score, query_rows=4, per_head=True)
-    expected = select_blocks(q, k, **opts)
+    v = torch.randn(1, 2, 150, 32, generator=gen) if score == "max" else None  # value_norm's log |v| too
+    expected = [select_blocks(q, k, **opts), select_blocks(q, k, v=v, **opts)]
     monkeypatch.setattr(kernels, "enabled", lambda x: True)
-    assert torch.equal(select_blocks(q.to(DEVICE), k.to(DEVICE), **opts).cpu(), expected)
+    on_device = [select_blocks(q.to(DEVICE), k.to(DEVICE), v=values, **opts).cpu()
+                 for values in (None, None if v is None else v.to(DEVICE))]
+    assert all(torch.equal(a, e) for a, e in zip(on_device, expected, strict=True))

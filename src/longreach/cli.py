@@ -46,8 +46,8 @@ def parse_options(items: tuple[str, ...]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
-        if value.lower() in ("true", "false"):
-            options[key] = value.lower() == "true"
+        if value.lower() in ("true", "false", "none"):
+            options[key] = None if value.lower() == "none" else value.lower() == "true"
             continue
         for convert in (int, float):
             try:

@@ -13,7 +13,10 @@ longreach's definition of the parts the paper's text did not settle (each an opt
   mean key (``"mean"``, the block means of the paper's region correlation), Quest's per-channel bound
   (``"minmax"``) or their best part mean (``"representatives"``); summarise a query block by all its
   rows (``query_rows=None``); leave the summary un-turned (``score_distance=None``); share one
-  selection per kv group (``per_head=False``) by the heads' mean score or softmax vote (``vote``).
+  selection per kv group (``per_head=False``) by the heads' mean score or softmax vote (``vote``);
+  with ``value_norm`` a key's logit gains log |v| (``score="max"`` only), so a block ranks by its key
+  of largest output share exp(logit) |v| rather than largest logit: keys that draw attention as a
+  no-op (sink-like tokens, whose values are small) stop outranking the ones that carry content.
   Turning the summary scores a block as attention would see it that far away (InfLLM gives all
   distant memory one distance); un-rotated, the high-frequency channels add noise;
 - each query block keeps its ``top_k`` best key blocks plus its own block, the ``local`` blocks
@@ -96,13 +99,20 @@ def summary_rows(score: str, block: int, representatives: int) -> int:
     return {"representatives": representatives, "max": block}.get(score, 1)
 
 
-def key_summary(k: Tensor, block: int, score: str, representatives: int) -> tuple[Tensor, ...]:
+def value_logits(v: Tensor) -> Tensor:
+    """log |v| (b, h_kv, Lk) float32 of values v (b, h_kv, Lk, d): a key's share of the output is
+    exp(logit + log |v|) up to the softmax's normaliser."""
+    return torch.linalg.vector_norm(v.float(), dim=-1).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def key_summary(k: Tensor, block: int, score: str, representatives: int, v: Tensor | None = None
+                ) -> tuple[Tensor, ...]:
     """What ``score`` keeps of each key block of k (b, h_kv, Lk, d), each (b, h_kv, 1, n, d): the mean key
     (``mean``), the per-channel maximum and minimum (``minmax``), the means of the block's
     ``representatives`` equal parts, n = n_blocks * representatives (``representatives``), or every key
-    (``max``)."""
+    (``max``), then with values v the keys' :func:`value_logits` (b, h_kv, 1, 1, Lk) (``max`` only)."""
     if score == "max":
-        return (k[:, :, None],)
+        return (k[:, :, None],) if v is None else (k[:, :, None], value_logits(v)[:, :, None, None])
     if score == "minmax":
         kf = k.float() if k.dtype in (torch.float16, torch.bfloat16) else k
         return (_padded_blocks(kf, block, float("-inf")).amax(3)[:, :, None],
@@ -117,7 +127,7 @@ def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_block
     - ``minmax``: Quest's bound sum_c max(q_c min_c, q_c max_c) over the block's per-channel extremes;
     - ``representatives``: the best q_bar . r over the means r of the block's equal parts (a few
       representative keys per block, as InfLLM scores its memory units by its representative tokens);
-    - ``max``: the best q_bar . k over the block's keys.
+    - ``max``: the best q_bar . k over the block's keys (plus each key's log |v| where the summary has them).
     ``part`` is :func:`summary_rows`: the summary rows per block.
     """
     scale = q_bar.shape[-1] ** -0.5
@@ -126,6 +136,8 @@ def block_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_block
         qf = q_bar.to(top.dtype)
         return (qf.clamp_min(0) @ top.transpose(-1, -2) + qf.clamp_max(0) @ low.transpose(-1, -2)) * scale
     scores = q_bar @ summary[0].transpose(-1, -2).to(q_bar.dtype) * scale
+    if len(summary) == 2:
+        scores = scores + summary[1]
     if part == 1:
         return scores
     missing = n_blocks * part - scores.shape[-1]
@@ -160,14 +172,16 @@ def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_bloc
         return block_scores(q_bar, summary, score, n_blocks, part)
     from ..kernels.block_scores import block_max_scores
 
+    bias = summary[1][:, :, 0, 0] if len(summary) == 2 else None
     out = block_max_scores(q_bar.flatten(1, 2), summary[0][:, :, 0], n_blocks, part, q_bar.shape[-1] ** -0.5,
-                           first_block)
+                           first_block, bias)
     return out.view(*q_bar.shape[:-1], n_blocks)
 
 
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
                   query_rows: int | None = None, per_head: bool = False, representatives: int = 4,
-                  vote: str = "mean", rope: Rope | None = None, score_distance: int | None = None) -> Tensor:
+                  vote: str = "mean", rope: Rope | None = None, score_distance: int | None = None,
+                  v: Tensor | None = None) -> Tensor:
     """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending.
 
     q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. Each query
@@ -176,11 +190,15 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     ``per_head``: by the mean of their scores (``vote="mean"``) or by the sum of each head's softmax over
     the candidate blocks (``vote="softmax"``, TokenSelect's soft voting: a head sure of a block outvotes
     heads that spread their attention). With ``score_distance`` the summaries are turned by ``rope`` at
-    that position first, so each score is the rotary logit at that distance. Scores are formed for a
+    that position first, so each score is the rotary logit at that distance. Given values v (b, h_kv, Lk, d)
+    (``score="max"`` only), each key's logit gains log |v| (:func:`value_logits`). Scores are formed for a
     bounded number of query blocks at a time,
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
     """
-    group = check_shapes(q, k, k)
+    group = check_shapes(q, k, k if v is None else v)
+    if v is not None and score != "max":
+        raise ValueError(f"select_merge: value_norm weighs each key by its value, so it needs score='max', "
+                         f"got {score!r}")
     b, h, q_len, d = q.shape
     h_kv, first = k.shape[1], k.shape[2] - q_len
     q_bar = block_means(q, block_size, first, query_rows).view(b, h_kv, group, -1, d)
@@ -203,7 +221,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     width = n_k * (1 if fused else part)
     rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
-    summary = key_summary(k, block_size, score, representatives)
+    summary = key_summary(k, block_size, score, representatives, v)
     for lo in range(0, n_q if take else 0, rows):
         qb = q_block[lo : lo + rows]
         candidate = (key_block >= sink) & (key_block < qb - local)
@@ -264,12 +282,13 @@ def select_merge(
     representatives: int = 4,
     vote: str = "mean",
     score_distance: int | None = 512,
+    value_norm: bool = False,
     train_length: int | None = None,
 ) -> Tensor:
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
 
-    ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote`` and ``score_distance`` choose how
-    blocks are selected (:func:`select_blocks`, turning the summaries with the merged positions' rotary).
+    ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote``, ``score_distance`` and ``value_norm``
+    choose how blocks are selected (:func:`select_blocks`, turning the summaries with the merged positions' rotary).
     With ``position_mode="selected"``, a merged span that may exceed
     ``train_length`` (the model's trained length) has its positions linearly interpolated into it.
     """
@@ -278,7 +297,7 @@ def select_merge(
         rope = merged_rope(require_rope(rope, "select_merge"), (sink + top_k + local + 1) * block_size, train_length)
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
                            query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
-                           rope=rope, score_distance=score_distance)
+                           rope=rope, score_distance=score_distance, v=v if value_norm else None)
     if kernels.use_kernel(q, positions, block_size):
         return kernels.sparse_attention(q, k, v, blocks, positions=positions, rope=rope, block_size=block_size,
                                     scale=scale, merged_positions=position_mode == "selected")

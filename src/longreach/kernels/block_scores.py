@@ -24,17 +24,18 @@ ROWS, KEYS, STEPS = 64, 128, 16
 
 
 @triton.jit
-def _block_max_kernel(Q, K, OUT, sqb, sqh, sqn, skb, skh, skn, sob, soh, son, H, GROUP, NQ, NB, NK, FIRST, scale,
-                      PART: tl.constexpr, ROWS: tl.constexpr, KEYS: tl.constexpr, STEPS: tl.constexpr,
-                      D: tl.constexpr, DOT: tl.constexpr):
+def _block_max_kernel(Q, K, BIAS, OUT, sqb, sqh, sqn, skb, skh, skn, sbb, sbh, sob, soh, son, H, GROUP, NQ, NB, NK,
+                      FIRST, scale, PART: tl.constexpr, ROWS: tl.constexpr, KEYS: tl.constexpr,
+                      STEPS: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
     # Program (b * H + h, i, j): query summaries i * ROWS.. (query block FIRST + row) of head h against key
     # blocks j * STEPS * COLS.. of kv head h // GROUP; block c is key rows c * PART .. c * PART + PART - 1,
-    # rows past NK absent.
+    # rows past NK absent; with HAS_BIAS each key row's BIAS is added to its products.
     _, b, h = batch_head(0, H)
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     dh = tl.arange(0, D)
     q = tl.load(Q + b * sqb + h * sqh + row_offsets(rows, sqn) + dh[None, :], mask=(rows < NQ)[:, None], other=0.0)
     keys = K + b * skb + (h // GROUP) * skh
+    bias = BIAS + b * sbb + (h // GROUP) * sbh
     out = OUT + b * sob + h * soh + row_offsets(rows, son)
     COLS: tl.constexpr = KEYS // PART
     seen = tl.minimum(NB, FIRST + tl.minimum(tl.program_id(1) * ROWS + ROWS, NQ))
@@ -46,15 +47,19 @@ def _block_max_kernel(Q, K, OUT, sqb, sqh, sqn, skb, skh, skn, sob, soh, son, H,
             index = c0 * PART + tl.arange(0, KEYS)
             k = tl.load(keys + row_offsets(index, skn) + dh[None, :], mask=(index < NK)[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
+            if HAS_BIAS:
+                s += tl.load(bias + index.to(tl.int64), mask=index < NK, other=0.0)[None, :]
             s = tl.where((index < NK)[None, :], s, float("-inf"))
             best = tl.max(tl.reshape(s, (ROWS, COLS, PART)), axis=2)
             best = tl.where(blocks[None, :] <= FIRST + rows[:, None], best, float("-inf"))
         tl.store(out + blocks[None, :], best, mask=(rows < NQ)[:, None] & (blocks < NB)[None, :])
 
 
-def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scale: float, first: int = 0) -> Tensor:
+def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scale: float, first: int = 0,
+                     bias: Tensor | None = None) -> Tensor:
     """(b, h, nq, n_blocks) float32: for query summary i of q_bar (b, h, nq, d) and key block c, the
-    largest q . k * ``scale`` over the block's rows k of ``keys`` (b, h_kv, n, d), rows c * part ..
+    largest q . k * ``scale`` (+ the row's ``bias`` (b, h_kv, n), if given) over the block's rows k of
+    ``keys`` (b, h_kv, n, d), rows c * part ..
     c * part + part - 1 (rows from n on are absent; a block without rows scores -inf). Summary i belongs
     to query block ``first`` + i and sees blocks c <= first + i only: later blocks score -inf. Query head
     j reads kv head j // (h / h_kv). q_bar is cast to keys' dtype, so 16-bit keys use the tensor cores."""
@@ -67,9 +72,15 @@ def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scal
     q_bar = q_bar.to(keys.dtype)
     q_bar = q_bar if q_bar.stride(-1) == 1 else q_bar.contiguous()
     keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    if bias is not None and bias.shape != keys.shape[:3]:
+        raise ValueError(f"block_max_scores kernel: bias must be (b, h_kv, n) = {tuple(keys.shape[:3])}, "
+                         f"got {tuple(bias.shape)}")
+    has_bias = bias is not None
+    bias = bias.float().contiguous() if has_bias else keys.new_zeros(1, 1, 1, dtype=torch.float32)
     out = torch.empty(b, h, nq, n_blocks, device=q_bar.device, dtype=torch.float32)
     grid = (b * h, triton.cdiv(nq, ROWS), triton.cdiv(n_blocks * part, STEPS * KEYS))
-    _block_max_kernel[grid](q_bar, keys, out, *q_bar.stride()[:3], *keys.stride()[:3], *out.stride()[:3], h,
-                            h // h_kv, nq, n_blocks, n_keys, first, scale, PART=part, ROWS=ROWS, KEYS=KEYS,
-                            STEPS=STEPS, D=d, DOT="ieee" if keys.dtype == torch.float32 else "tf32")
+    _block_max_kernel[grid](q_bar, keys, bias, out, *q_bar.stride()[:3], *keys.stride()[:3], *bias.stride()[:2],
+                            *out.stride()[:3], h, h // h_kv, nq, n_blocks, n_keys, first, scale, PART=part,
+                            ROWS=ROWS, KEYS=KEYS, STEPS=STEPS, D=d, HAS_BIAS=has_bias,
+                            DOT="ieee" if keys.dtype == torch.float32 else "tf32")
     return out
