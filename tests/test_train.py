@@ -102,10 +102,24 @@ def test_clex_trains_its_dynamics_with_the_adapters_saves_and_resumes(tmp_path):
     torch.testing.assert_close(saved.frequencies(3), trained.frequencies(3))
 
 
+def test_clex_learning_rate_steps_the_dynamics_apart_from_the_adapters():
+    _, peft_model, history = _run("dense", "clex", steps=1, max_factor=4, clex_learning_rate=1e-5)
+    clex = peft_model.get_base_model().model.clex
+    # Adam's first step moves each parameter by about its learning rate: 1e-5 for W_down (from zero),
+    # 1e-2 without clex_learning_rate.
+    assert 0 < clex.dynamics.down.abs().max() <= 1.01e-5
+    assert history[0]["lr"] == 1e-2
+    _, plain, _ = _run("dense", "clex", steps=1, max_factor=4)
+    assert plain.get_base_model().model.clex.dynamics.down.abs().max() > 1e-3
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [({"length": 0}, "length must be >= 1"),
                                                  ({"learning_rate": 0}, "learning_rate must be > 0"),
                                                  ({"position": "clex", "attention": "select_merge"},
-                                                  "position 'clex' learns its frequencies")])
+                                                  "position 'clex' learns its frequencies"),
+                                                 ({"clex_learning_rate": 1e-5}, "applies to position='clex' only"),
+                                                 ({"position": "clex", "attention": "dense", "clex_learning_rate": 0},
+                                                  "clex_learning_rate must be > 0")])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FinetuneConfig(**({"length": 64, "steps": 1} | kwargs))

@@ -231,6 +231,7 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, prog
 @click.option("--max-factor", default=16.0, show_default=True, type=float,
               help="crd_ntk's largest NTK factor; clex's largest t (an integer)")
 @click.option("--lr", default=2e-5, show_default=True, type=float)
+@click.option("--clex-lr", default=None, type=float, help="CLEX's dynamics' learning rate (default: --lr)")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--accumulation", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0))
@@ -241,8 +242,8 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, prog
 @click.option("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", show_default=True,
               type=click.Choice(list(DTYPES)))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="checkpoint and history directory")
-def finetune_command(model_spec, data, length, steps, attention, position, max_factor, lr, batch_size, accumulation,
-                     save_every, offload, sequence_parallel, device, dtype, out):
+def finetune_command(model_spec, data, length, steps, attention, position, max_factor, lr, clex_lr, batch_size,
+                     accumulation, save_every, offload, sequence_parallel, device, dtype, out):
     """Fine-tune at a long context (LoRA + embeddings + norms); resumes from OUT's checkpoint."""
     import json
 
@@ -253,6 +254,7 @@ def finetune_command(model_spec, data, length, steps, attention, position, max_f
     try:
         sp, device = join(sequence_parallel, device) if sequence_parallel > 1 else (None, device)
         config = FinetuneConfig(length=length, steps=steps, attention=attention, learning_rate=lr,
+                                clex_learning_rate=clex_lr,
                                 position=None if position == "none" else position, max_factor=max_factor,
                                 batch_size=batch_size, accumulation=accumulation, offload_activations=offload,
                                 sequence_parallel=sp)

@@ -56,6 +56,16 @@ def _rows_for(step: int, micro: int, config: FinetuneConfig, order: torch.Tensor
     return order[torch.arange(start, start + config.batch_size) % len(order)]
 
 
+def _parameter_groups(params: dict[str, torch.Tensor], config: FinetuneConfig) -> list[dict]:
+    """AdamW groups, each with its ``peak_lr``: CLEX's dynamics at ``clex_learning_rate`` where set."""
+    ode = [p for name, p in params.items() if ".clex." in name and config.clex_learning_rate is not None]
+    rest = [p for p in params.values() if all(p is not q for q in ode)]
+    groups = [{"params": rest, "lr": config.learning_rate, "peak_lr": config.learning_rate}]
+    if ode:
+        groups.append({"params": ode, "lr": config.clex_learning_rate, "peak_lr": config.clex_learning_rate})
+    return groups
+
+
 def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig, *, out: str | Path | None = None,
              save_every: int = 0, progress: bool = True) -> list[dict]:
     """Train the trainable parameters of ``model`` (from :func:`prepare`) on ``rows`` (n, length + 1).
@@ -71,7 +81,7 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
     base = model.get_base_model()
     device = next(model.parameters()).device
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(_parameter_groups(params, config), weight_decay=0.0)
     history: list[dict] = []
     if out is not None and (out / CHECKPOINT).exists():
         state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
@@ -95,9 +105,10 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
             factor = draw.factor
             configure(base, config, factor)
             position_ids = draw.positions(config.length).to(device)[None]
-        lr = config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup))
+        warm = min(1.0, (step + 1) / max(1, config.warmup))
+        lr = config.learning_rate * warm
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["peak_lr"] * warm
         total = 0.0
         for micro in range(config.accumulation):
             batch = rows[_rows_for(step, micro, config, order)].to(device)

@@ -20,7 +20,9 @@ class FinetuneConfig:
     """What to train and how. ``position="crd_ntk"`` draws an NTK factor and cyclic position offset
     per step (:class:`longreach.positions.CRDNTK`, period = max_factor x the model's trained length);
     ``position="clex"`` trains CLEX's frequency dynamics with the adapters, drawing t in 1..max_factor
-    per forward (:class:`longreach.clex.Clex`; dense attention, which rotates in PyTorch).
+    per forward (:class:`longreach.clex.Clex`; dense attention, which rotates in PyTorch), its
+    parameters at ``clex_learning_rate`` (default: ``learning_rate``): their drift is integrated over t, so
+    a step that suits the adapters can move the frequencies at t = 16 many-fold.
     ``offload_activations`` keeps the tensors saved for backward (with checkpointing: each layer's
     input) in pinned host memory, so GPU memory no longer grows with layers x length.
     ``sequence_parallel`` (from :func:`longreach.parallel.sequence_parallel`, one per process) splits
@@ -39,6 +41,7 @@ class FinetuneConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     trainable: tuple[str, ...] = ("embed", "norm")
     learning_rate: float = 2e-5
+    clex_learning_rate: float | None = None
     warmup: int = 20
     batch_size: int = 1
     accumulation: int = 1
@@ -52,8 +55,11 @@ class FinetuneConfig:
         for name in ("length", "steps", "batch_size", "accumulation", "lora_rank", "loss_chunk"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("learning_rate", "clex_learning_rate"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.clex_learning_rate is not None and self.position != CLEX:
+            raise ValueError(f"clex_learning_rate applies to position='clex' only, got position={self.position!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.position == CLEX and self.attention != "dense":
