@@ -266,6 +266,22 @@ def test_select_blocks_breaks_score_ties_by_the_lower_block():
     assert (top_indices(many, 5).sort(-1).values == torch.arange(5)).all()
 
 
+@pytest.mark.parametrize("name", ["s2", "sf"])
+@pytest.mark.parametrize(("offset", "heads"), [(0, 2), (2, 2), (4, 2), (6, 2), (4, 4), (0, 8)])
+def test_shifted_heads_follow_their_global_index(name, offset, heads):
+    # A sequence-parallel rank runs heads offset..offset + heads of 8 (4 kv heads): the shifted ones are
+    # the global second half, whatever the slice.
+    q, k, v = tensors((1, 8, 4, 70, 70, 16))
+    rope = rope_for(16)
+    opts = dict(group_size=24, block_size=8)
+    full = run(name, q, k, v, rope, **opts)
+    kv = slice(offset // 2, (offset + heads) // 2)
+    part = run(name, q[:, offset:offset + heads], k[:, kv], v[:, kv], rope, global_heads=(offset, 8), **opts)
+    torch.testing.assert_close(part, full[:, offset:offset + heads], **TOL)
+    with pytest.raises(ValueError, match="global_heads"):
+        run(name, q[:, :heads], k[:, :heads // 2], v[:, :heads // 2], rope, global_heads=(8, 8), **opts)
+
+
 def test_value_norm_ranks_keys_by_their_output_share():
     from longreach.attention.select_merge import select_blocks
 

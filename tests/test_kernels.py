@@ -122,9 +122,10 @@ def test_select_merge_kernel_takes_a_table_per_query_head():
         close(a, e, torch.float32)
 
 
+@pytest.mark.parametrize("global_heads", [None, (4, 8), (0, 16)])  # half, all or none of the 4 heads shifted
 @pytest.mark.parametrize("group", [32, 40])
 @pytest.mark.parametrize("name", ["s2", "sf"])
-def test_token_rules_match_shifted_references(name, group, monkeypatch):
+def test_token_rules_match_shifted_references(name, group, global_heads, monkeypatch):
     """Groups of 32 fall on block borders (only diagonal blocks masked), groups of 40 cut blocks."""
     from longreach.attention import shifted
 
@@ -132,6 +133,7 @@ def test_token_rules_match_shifted_references(name, group, monkeypatch):
     rope = default(32, 10000.0)
     pos = Positions.contiguous(1, 90, 90, DEVICE)
     fn, extra = (s2, {}) if name == "s2" else (sf, {"sink": 3})
+    extra["global_heads"] = global_heads
     rq, rk, rv = upcast(q, k, v)
     ref = fn(rq, rk, rv, positions=pos, rope=rope, group_size=group, block_size=16, **extra)
     monkeypatch.setattr(shifted.kernels, "use_kernel", lambda *a: True)

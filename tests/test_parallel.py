@@ -22,6 +22,8 @@ SETUPS = [
     ("select_merge", {"block_size": 16, "top_k": 2}),
     ("dca", {"block_size": 16, "chunk_size": 48}),
     ("self_extend", {"block_size": 16, "group_size": 4, "window": 16}),
+    ("s2", {"block_size": 16, "group_size": 32}),  # shifts the second half of all heads: each rank a slice
+    ("sf", {"block_size": 16, "group_size": 32, "sink": 4}),
 ]
 
 
@@ -115,8 +117,6 @@ def test_sequence_parallel_errors():
         shard(torch.zeros(1, 10), sp)
     with pytest.raises(ValueError, match="not initialised"):
         sequence_parallel(2)
-    with pytest.raises(ValueError, match="shifts half of the heads"):
-        longreach.extend(tiny_llama(), attention="s2", sequence_parallel=SequenceParallel(size=2, rank=0))
     with pytest.raises(ValueError, match="multiples of 16"):  # 8 heads, 4 kv heads
         longreach.extend(tiny_llama(), attention="dense", sequence_parallel=SequenceParallel(size=16, rank=0))
 

@@ -149,6 +149,9 @@ def _attention(name: str):
         key_pos = query_pos if q_len == k_len else _key_positions(query_pos, k_len)
         where = Positions(query_pos, key_pos, key_mask)
         options = dict(setup.options) if setup is not None else {}
+        if setup is not None and setup.parallel is not None and method.head_patterned:  # this rank's heads
+            sp, heads = setup.parallel, query.shape[1]
+            options["global_heads"] = (sp.rank * heads, sp.size * heads)
         if name == "dense" and kwargs.get("sliding_window") is not None:
             options.setdefault("sliding_window", kwargs["sliding_window"])
         rope = None
@@ -376,9 +379,6 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
         check_heads(model.config.num_attention_heads, model.config.num_key_value_heads, parallel)
         if cache is not None:
             raise ValueError("sequence_parallel: cache policies are not supported with sequence parallelism")
-        if METHODS[method].head_patterned:
-            raise ValueError(f"sequence_parallel: attention={method!r} shifts half of the heads, and each rank "
-                             f"sees a slice of them; supported are the other methods")
     rope_opts, attn_opts = _split_options(position, method, options)
     for key in TRAIN_LENGTH_OPTIONS:
         if key in METHODS[method].options and key not in attn_opts:

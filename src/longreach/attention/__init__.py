@@ -64,8 +64,8 @@ class Method:
     fn: Callable[..., Any]
     options: dict[str, Option]
     summary: str
-    # True where a head's pattern depends on its index among all heads (s2/sf shift half of them), so a
-    # subset of the heads (a sequence-parallel rank's) cannot run it alone.
+    # True where a head's pattern depends on its index among all heads (s2/sf shift half of them): a
+    # sequence-parallel rank running a slice of the heads passes global_heads=(offset, total).
     head_patterned: bool = False
 
     def defaults(self) -> dict[str, Any]:

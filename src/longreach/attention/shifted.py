@@ -27,9 +27,22 @@ def group_size_for(k_len: int, group_size: int | None) -> int:
     return max(2, math.ceil(k_len / 4)) if group_size is None else group_size
 
 
-def head_shifts(heads: int, group: int, shift: bool, device: torch.device | str) -> Tensor:
-    """(heads,) offset added to indices before grouping: G/2 for heads >= H // 2 when shifting."""
-    shifted = torch.arange(heads, device=device) >= heads // 2
+def shifted_from(heads: int, global_heads: tuple[int, int] | None) -> int:
+    """The first of ``heads`` local heads that shifts: H // 2, or where the global half starts when they are
+    heads offset.. of ``global_heads`` = (offset, total) (a sequence-parallel rank's share)."""
+    if global_heads is None:
+        return heads // 2
+    offset, total = global_heads
+    if not 0 <= offset <= total - heads:
+        raise ValueError(f"global_heads: {heads} heads from offset {offset} do not fit in {total} heads")
+    return min(heads, max(0, total // 2 - offset))
+
+
+def head_shifts(heads: int, group: int, shift: bool, device: torch.device | str, first_shifted: int | None = None
+                ) -> Tensor:
+    """(heads,) offset added to indices before grouping: G/2 for heads >= ``first_shifted`` (default
+    H // 2) when shifting."""
+    shifted = torch.arange(heads, device=device) >= (heads // 2 if first_shifted is None else first_shifted)
     return (shifted & shift).long() * (group // 2)
 
 
@@ -62,16 +75,18 @@ def _group_logits(rope: Rope | None, scale: float, group: int, shifts: Tensor, s
 
 
 def _shifted(q: Tensor, k: Tensor, v: Tensor, positions: Positions, rope: Rope | None, scale: float | None,
-             group_size: int | None, shift: bool, sink: int, block_size: int) -> Tensor:
+             group_size: int | None, shift: bool, sink: int, block_size: int,
+             global_heads: tuple[int, int] | None) -> Tensor:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     batch, heads, q_len, _ = q.shape
     k_len = k.shape[2]
     group = group_size_for(k_len, group_size)
     block = min(block_size, group)
-    shifts = head_shifts(heads, group, shift, q.device)
+    first_shifted = shifted_from(heads, global_heads)
+    shifts = head_shifts(heads, group, shift, q.device, first_shifted)
     table = _shifted_tables(batch, heads, q_len, k_len, block, group, shifts, sink)
     if kernels.use_kernel(q, positions, block):
-        rule = dict(sink=sink, group=group, shift=group // 2 if shift else 0)
+        rule = dict(sink=sink, group=group, shift=group // 2 if shift else 0, shift_from=first_shifted)
         return kernels.sparse_attention(q, k, v, table, positions=positions, rope=rope, block_size=block, scale=scale,
                                     **rule)
     logits = _group_logits(rope, scale, group, shifts, sink)
@@ -90,10 +105,13 @@ def s2(
     group_size: int | None = None,
     shift: bool = True,
     block_size: int = 64,
+    global_heads: tuple[int, int] | None = None,
 ) -> Tensor:
     """S2-Attn. Query index i and key index j of head h attend iff j <= i and
-    (i + s_h) // G == (j + s_h) // G, s_h = G/2 for shifted heads. q (b, h, Lq, d) -> (b, h, Lq, d)."""
-    return _shifted(q, k, v, positions, rope, scale, group_size, shift, 0, block_size)
+    (i + s_h) // G == (j + s_h) // G, s_h = G/2 for shifted heads (the second half of all heads;
+    ``global_heads`` = (offset, total) places these heads among all, for a sequence-parallel rank).
+    q (b, h, Lq, d) -> (b, h, Lq, d)."""
+    return _shifted(q, k, v, positions, rope, scale, group_size, shift, 0, block_size, global_heads)
 
 
 def sf(
@@ -108,6 +126,8 @@ def sf(
     shift: bool = True,
     sink: int = 4,
     block_size: int = 64,
+    global_heads: tuple[int, int] | None = None,
 ) -> Tensor:
-    """SF-Attn: S2's groups in the reassembled layout, plus keys j < ``sink`` visible to every query."""
-    return _shifted(q, k, v, positions, rope, scale, group_size, shift, sink, block_size)
+    """SF-Attn: S2's groups in the reassembled layout, plus keys j < ``sink`` visible to every query
+    (``global_heads`` as for :func:`s2`)."""
+    return _shifted(q, k, v, positions, rope, scale, group_size, shift, sink, block_size, global_heads)

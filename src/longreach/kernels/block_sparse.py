@@ -6,7 +6,7 @@ lists, per query block of the key-index grid, the key blocks it reads in ascendi
 padded, with the query block's own (diagonal) block last; ``count`` (b, h, nq) how many are used.
 Without a table the kernels run dense causal attention (every key block up to the diagonal).
 Per (query, key) pair the kernel masks: causal and in range always; with ``window``/``group``/
-``sink`` set, also token rules (sinks + window; S2 groups with ``shift`` for heads >= H // 2), on
+``sink`` set, also token rules (sinks + window; S2 groups with ``shift`` for heads >= ``shift_from``), on
 the block pairs the rule does not allow whole.
 
 Rotary inside the kernels, two ways:
@@ -124,21 +124,21 @@ def _store_gradient(base, rows, ok, stride, g1, g2, TCOS, TSIN, scale, HALF: tl.
 
 
 @triton.jit
-def _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.constexpr):
+def _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.constexpr):
     ok = (k_idx[None, :] <= q_idx[:, None]) & (k_idx[None, :] < Lk)
     if TOKEN_MASK:
         rule = tl.full(ok.shape, True, tl.int1)
         if WINDOW > 0:
             rule = rule & (q_idx[:, None] - k_idx[None, :] < WINDOW)
         if GROUP > 0:
-            s = tl.where(h >= H // 2, SHIFT, 0)
+            s = tl.where(h >= SHIFT_FROM, SHIFT, 0)
             rule = rule & (((q_idx + s) // GROUP)[:, None] == ((k_idx + s) // GROUP)[None, :])
         ok = ok & (rule | (k_idx[None, :] < SINK))
     return ok
 
 
 @triton.jit
-def _needs_mask(q_block, k_block, diagonal, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK: tl.constexpr,
+def _needs_mask(q_block, k_block, diagonal, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, BLOCK: tl.constexpr,
                 TOKEN_MASK: tl.constexpr):
     # The diagonal pair always needs the per-token mask (causal, ragged edge); with token rules, so
     # does any pair the rule does not allow whole (a window or group border inside it).
@@ -150,7 +150,7 @@ def _needs_mask(q_block, k_block, diagonal, Lk, h, H, SINK, WINDOW, GROUP, SHIFT
         k_hi = tl.minimum(k_lo + BLOCK, Lk) - 1
         whole = (WINDOW <= 0) | (q_hi - k_lo < WINDOW)
         if GROUP > 0:
-            s = tl.where(h >= H // 2, SHIFT, 0)
+            s = tl.where(h >= SHIFT_FROM, SHIFT, 0)
             g = (q_lo + s) // GROUP
             whole = whole & ((q_hi + s) // GROUP == g) & ((k_lo + s) // GROUP == g) & ((k_hi + s) // GROUP == g)
         need = need | ~(whole | (k_hi < SINK))
@@ -282,7 +282,7 @@ def _fwd_kernel(
     sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som,
     stb, sth, stm, scb, sch, spq, spk, sbq, sbk,
     H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, qk_scale,
-    SINK, WINDOW, GROUP, SHIFT, SPAN,
+    SINK, WINDOW, GROUP, SHIFT, SHIFT_FROM, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
@@ -324,9 +324,9 @@ def _fwd_kernel(
             fr = _frame(q_idx, k_idx, q_pos, _positions(KPOS + b * spk, k_idx, k_in, RULE), SPAN, RULE)
             qk = _frame_scores(q1, q2, k1, k2, fr, lo, hi, q_base, sqf, q_row, q_ok, sqm, k_base, skf, k_idx, k_in,
                                skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT) * qk_scale
-        if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK,
+        if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, BLOCK,
                        TOKEN_MASK):
-            ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
+            ok = _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
             qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -352,7 +352,7 @@ def _dq_kernel(
     sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som,
     stb, sth, stm, scb, sch, spq, spk, sbq, sbk,
     H, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, qk_scale, sm_scale,
-    SINK, WINDOW, GROUP, SHIFT, SPAN,
+    SINK, WINDOW, GROUP, SHIFT, SHIFT_FROM, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
@@ -397,9 +397,9 @@ def _dq_kernel(
             qk = _frame_scores(q1, q2, k1, k2, fr, lo, hi, q_base, sqf, q_row, q_ok, sqm, k_base, skf, k_idx, k_in,
                                skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT)
         qk = qk * qk_scale
-        if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK,
+        if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, BLOCK,
                        TOKEN_MASK):
-            ok = _allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
+            ok = _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
             qk = tl.where(ok, qk, float("-inf"))
         p = tl.math.exp2(qk - lse[:, None])
         v1, v2 = load_halves(v_base, k_idx, k_in, skn, HALF)
@@ -431,7 +431,7 @@ def _dkv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, COUNT, CSR_OFF, CSR_M, CSR_SLOT, COS, SIN, TCOS, TSIN, QPOS, KPOS, QB, KB,
     sqf, sqb, sqh, sqm, skf, skb, skh, skn, sob, soh, som, scb, sch, spq, spk, sbq, sbk,
     H, HKV, GROUP_HEADS, Lq, Lk, FIRST, START_BLOCK, NQ, WIDTH, NK, qk_scale, sm_scale,
-    SINK, WINDOW, GROUP, SHIFT, SPAN,
+    SINK, WINDOW, GROUP, SHIFT, SHIFT_FROM, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
 ):
@@ -489,9 +489,9 @@ def _dkv_kernel(
                 qkT = _frame_scores(k1, k2, q1, q2, frT, lo, hi, K + kv_base, skf, k_idx, k_in, skn, q_base, sqf,
                                     q_row, q_ok, sqm, HALF, BLOCK, FRAMES, KEY_FRAMES, FRAMES, DOT)
             pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
-            if _needs_mask(START_BLOCK + m, j, START_BLOCK + m == j, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, BLOCK,
-                           TOKEN_MASK):
-                okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, H, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
+            if _needs_mask(START_BLOCK + m, j, START_BLOCK + m == j, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT,
+                           BLOCK, TOKEN_MASK):
+                okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
                 pT = tl.where(okT, pT, 0.0)
             dv1 = tl.dot(pT.to(DO.dtype.element_ty), do1, dv1, input_precision=DOT)
             dv2 = tl.dot(pT.to(DO.dtype.element_ty), do2, dv2, input_precision=DOT)
@@ -665,7 +665,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> None:
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, turns, *, block_size: int, scale: float | None,
-         rule: tuple[int, int, int, int], frames: Frames) -> Tensor:
+         rule: tuple[int, int, int, int, int], frames: Frames) -> Tensor:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dense = table is None
     if dense:
@@ -697,20 +697,22 @@ def block_sparse_attention(
     window: int = 0,
     group: int = 0,
     shift: int = 0,
+    shift_from: int | None = None,
 ) -> Tensor:
     """Attention of each query block over its listed key blocks; differentiable in q, k and v.
 
     q (b, h, Lq, d), k/v (b, h_kv, Lk, d), table (b, h, nq, K) of key-block ids (-1 unused, any
     order), for the query blocks of the key-index grid from (Lk - Lq) // block_size on. With
     ``inv_freq`` the kernel rotates q and k at merged positions (see the module docstring).
-    ``window``/``group`` > 0 switch on the token rules. Returns (b, h, Lq, d).
+    ``window``/``group`` > 0 switch on the token rules; S2's groups are shifted by ``shift`` for the
+    heads from ``shift_from`` (default h // 2) on. Returns (b, h, Lq, d).
     """
     _check(q, k, v, block_size)
     turns = None
     if inv_freq is not None:
         width = table.shape[-1]
         turns = rotary_turns(inv_freq, width, block_size, rotary_scaling, q.device)
-    rule = (int(sink), int(window), int(group), int(shift))
+    rule = (int(sink), int(window), int(group), int(shift), q.shape[1] // 2 if shift_from is None else int(shift_from))
     return _run(q[None], k[None], v, table, turns, block_size=block_size, scale=scale, rule=rule,
                 frames=Frames(NO_FRAMES, 0))
 
@@ -726,5 +728,5 @@ def frame_attention(q: Tensor, k: Tensor, v: Tensor, frames: Frames, *, block_si
     _check(q[0], k[0], v, block_size)
     if not 1 < q.shape[0] <= 3 or k.shape[0] not in (1, q.shape[0]):
         raise ValueError(f"frame attention: q needs 2 or 3 frames and k 1 or as many, got {q.shape[0]}, {k.shape[0]}")
-    rule = (int(sink), int(window), 0, 0)
+    rule = (int(sink), int(window), 0, 0, 0)
     return _run(q, k, v, table, None, block_size=block_size, scale=scale, rule=rule, frames=frames)
