@@ -17,6 +17,7 @@ from longreach.train import FinetuneConfig, finetune, prepare
 from longreach.train.loop import sequence_loss
 
 LENGTH = 128
+DECODED = ("dense", "select_merge", "dca")
 SETUPS = [
     ("dense", {}),
     ("select_merge", {"block_size": 16, "top_k": 2}),
@@ -60,11 +61,36 @@ def worker(rank: int, size: int, port: int, failures) -> None:
                 dist.all_reduce(g)  # each rank's loss is its shard's share: the gradients add up
                 torch.testing.assert_close(g, expected, atol=1e-4, rtol=1e-4, msg=label)
             training_matches(name, options, sp, label)
+            if name in DECODED:
+                longreach.extend(model, attention=name, **options)
+                prefill_and_decode_match(model, name, options, sp, ids, label)
     except Exception as error:  # reported to the test, which runs in the parent
         failures.put(f"rank {rank}: {error}")
         raise
     finally:
         dist.destroy_process_group()
+
+
+def prefill_and_decode_match(model, name, options, sp, ids, label) -> None:
+    """A caching prefill over the ranks: each rank's logits and a cache of its kv heads over the whole
+    prompt; then decoding, the same tokens on every rank, as one process decodes."""
+    from longreach.cache.sharded import HeadShardCache, generate
+
+    with torch.no_grad():
+        single = out = model(input_ids=ids, use_cache=True)
+        new = []
+        for _ in range(3):
+            new.append(out.logits[:, -1:].argmax(-1))
+            out = model(input_ids=new[-1], past_key_values=single.past_key_values, use_cache=True)
+        longreach.extend(model, attention=name, sequence_parallel=sp, **options)
+        positions = torch.arange(LENGTH).expand(2, -1)
+        part = model(input_ids=shard(ids, sp), position_ids=shard(positions, sp), use_cache=True)
+    torch.testing.assert_close(part.logits, shard(single.logits, sp), atol=1e-5, rtol=1e-5, msg=label)
+    assert isinstance(part.past_key_values, HeadShardCache)
+    kv_heads = model.config.num_key_value_heads // sp.size
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert part.past_key_values.layers[0].keys.shape == (2, kv_heads, LENGTH, head_dim)
+    assert torch.equal(generate(model, ids, sp, 3), torch.cat(new, 1)), label("greedy tokens")
 
 
 def lora_step(name, options, sp, rows):

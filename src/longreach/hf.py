@@ -30,8 +30,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import cache as policies
 from . import positions as pos
 from .attention import METHODS, Positions, check_options, get_method
+from .cache.sharded import HeadShardCache, HeadShardLayer
 from .clex import Clex
-from .parallel import SequenceParallel, check_heads, gather_positions, heads_from_sequence, sequence_from_heads
+from .parallel import (
+    SequenceParallel,
+    check_heads,
+    gather_heads,
+    gather_positions,
+    heads_from_sequence,
+    local_heads,
+    sequence_from_heads,
+)
 
 PREFIX = "longreach_"
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -95,6 +104,7 @@ class Setup:
     hooks: list = field(default_factory=list)
     active: policies.PolicyCache | None = None
     parallel: SequenceParallel | None = None
+    sharded: HeadShardCache | None = None
 
 
 class UnappliedRotary(nn.Module):
@@ -131,6 +141,9 @@ def _attention(name: str):
         # The identity rotary multiplies q and k by float32 ones when the residual stream is float32
         # (trainable fp32 embeddings beside bf16 weights under autocast): that upcast is exact, undo it.
         query, key = query.to(value.dtype), key.to(value.dtype)
+        if setup is not None and setup.sharded is not None:
+            return _head_sharded(partial(attend, setup, module), setup.sharded.layers[module.layer_idx], query, key,
+                                 value, attention_mask, scaling, position_ids, **kwargs)
         if setup is not None and setup.parallel is not None:
             return _ulysses(partial(attend, setup, module), setup.parallel, query, key, value, attention_mask,
                             scaling, position_ids, **kwargs)
@@ -180,14 +193,35 @@ def _ulysses(attend, sp: SequenceParallel, query: Tensor, key: Tensor, value: Te
              scaling: float | None, position_ids: Tensor | None, **kwargs: Any) -> tuple[Tensor, None]:
     """``attend`` over the whole sequence for this rank's heads, from and back to this rank's shard."""
     if attention_mask is not None or key.shape[2] != query.shape[2]:
-        raise ValueError("sequence parallel: padded batches and KV caches are not supported; run unpadded rows "
-                         "with use_cache=False")
+        raise ValueError("sequence parallel: padded batches are not supported, nor a cache other than the one "
+                         "sharded by kv head that a fresh caching forward creates; run unpadded rows, with no cache "
+                         "or an empty one")
     if position_ids is None:
         raise ValueError("sequence parallel: pass each rank's global position_ids (its shard of 0..L-1)")
     batch, _, shard_len, _ = query.shape
     positions = gather_positions(position_ids.expand(batch, shard_len), sp)
     query, key, value = (heads_from_sequence(t, sp) for t in (query, key, value))
     out, _ = attend(query, key, value, None, scaling, positions, **kwargs)  # (b, L, h/N, d)
+    return sequence_from_heads(out.transpose(1, 2), sp).transpose(1, 2).contiguous(), None
+
+
+def _head_sharded(attend, layer: HeadShardLayer, query: Tensor, key: Tensor, value: Tensor,
+                  attention_mask: Tensor | None, scaling: float | None, position_ids: Tensor | None,
+                  **kwargs: Any) -> tuple[Tensor, None]:
+    """``attend`` against a :class:`HeadShardLayer`'s keys (this rank's kv heads, every token) for this rank's
+    query heads: the prefill's sequence shard exchanged into them and back, or decoded tokens (the same on
+    every rank) sliced to them, with every rank's head outputs gathered."""
+    if attention_mask is not None:
+        raise ValueError("sequence parallel: padded batches are not supported; run unpadded rows")
+    if position_ids is None:
+        raise ValueError("sequence parallel: pass position_ids (each rank's shard of 0..L-1 in the prefill, "
+                         "the new tokens' positions after it)")
+    sp, (batch, _, q_len, _) = layer.sp, query.shape
+    if layer.replicated:
+        out, _ = attend(local_heads(query, sp), key, value, None, scaling, position_ids.expand(batch, q_len), **kwargs)
+        return gather_heads(out.transpose(1, 2), sp).transpose(1, 2).contiguous(), None
+    positions = gather_positions(position_ids.expand(batch, q_len), sp)
+    out, _ = attend(heads_from_sequence(query, sp), key, value, None, scaling, positions, **kwargs)
     return sequence_from_heads(out.transpose(1, 2), sp).transpose(1, 2).contiguous(), None
 
 
@@ -212,6 +246,11 @@ def _use_policy_cache(setup: Setup, config: Any, module: nn.Module, args: tuple,
     caching = kwargs.get("use_cache")
     caching = config.use_cache if caching is None else caching
     fresh = cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0)
+    if setup.parallel is not None:  # a caching forward keeps its cache sharded by kv head
+        if caching and fresh:
+            cache = kwargs[name] = HeadShardCache(setup.parallel, config.num_hidden_layers)
+        setup.sharded = cache if isinstance(cache, HeadShardCache) else None
+        return args, kwargs
     if setup.cache is not None and caching and fresh:
         cache = policies.make_cache(setup.cache, config.num_hidden_layers, **setup.cache_options)
         kwargs[name] = cache
@@ -226,7 +265,7 @@ def _use_policy_cache(setup: Setup, config: Any, module: nn.Module, args: tuple,
 
 
 def _end_policy_cache(setup: Setup, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    setup.active = None
+    setup.active = setup.sharded = None
 
 
 def _padding_mask(*, kv_length: int, kv_offset: int = 0, attention_mask: Tensor | None = None,

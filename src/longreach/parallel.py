@@ -104,6 +104,18 @@ def sequence_from_heads(x: Tensor, sp: SequenceParallel) -> Tensor:
     return parts.transpose(0, 1).reshape(b, g * sp.size, s, d)
 
 
+def local_heads(x: Tensor, sp: SequenceParallel) -> Tensor:
+    """This rank's slice ``rank`` of the N equal head slices of x (b, h, L, d): (b, h/N, L, d)."""
+    return x.chunk(sp.size, dim=1)[sp.rank]
+
+
+def gather_heads(x: Tensor, sp: SequenceParallel) -> Tensor:
+    """Every rank's head slice x (b, h/N, L, d), in rank order: (b, h, L, d) (inference: no gradient)."""
+    parts = [torch.empty_like(x) for _ in range(sp.size)]
+    dist.all_gather(parts, x.contiguous(), group=sp.group)
+    return torch.cat(parts, dim=1)
+
+
 def gather_positions(positions: Tensor, sp: SequenceParallel) -> Tensor:
     """(b, L/N) position ids of this rank's shard -> (b, L) of the whole sequence, in rank order."""
     parts = [torch.empty_like(positions) for _ in range(sp.size)]
