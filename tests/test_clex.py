@@ -1,3 +1,4 @@
+import inspect
 import math
 
 import pytest
@@ -37,6 +38,15 @@ def test_rk4_against_closed_form_and_a_fine_step_reference():
     coarse, fine = rk4(dynamics, z, 1.0, 6.0, 0.01), rk4(dynamics, z, 1.0, 6.0, 0.0005)
     torch.testing.assert_close(coarse, fine, rtol=1e-5, atol=1e-5)
     assert (coarse - rk4(dynamics, z, 1.0, 6.0, 0.5)).abs().max() > 1e-4  # the test can tell steps apart
+    # The scheme's default step, at its largest t, on a head of 64 with RoPE base 1e5 (SmolLM2's).
+    torch.manual_seed(0)
+    wide = Dynamics(64, 1e5)
+    torch.nn.init.normal_(wide.down, std=0.05)  # 20 times the spread SmolLM2's 200-step run trained
+    z = default_inv_freq(64, 1e5).log()
+    default_step = inspect.signature(Clex).parameters["step"].default
+    fine = rk4(wide, z, 1.0, 16.0, 0.001)
+    assert (rk4(wide, z, 1.0, 16.0, default_step) - fine).abs().max() < 5e-4
+    assert (rk4(wide, z, 1.0, 16.0, 0.5) - fine).abs().max() > 1e-3
 
 
 def test_gradients_reach_the_dynamics():
