@@ -6,7 +6,9 @@ with gloo, to check the script). Each method runs one untimed step (Triton autot
 step over N ranks at ``--length`` tokens, then (``--single``) rank 0 alone at length / N tokens, the same
 tokens per GPU, while the others wait. Recorded per step: seconds, tokens per second per GPU, the peak
 memory of each rank, and the seconds the ranks spent in the all-to-all exchanges (torch.profiler device
-or CPU time of the collective, mean over ranks). Rank 0 writes ``OUT/sequence_parallel_N.json``.
+or CPU time of the collective, mean over ranks). ``--shard-weights`` splits the weights and optimizer
+state over the ranks (FSDP2); rank 0's single step then runs on a whole copy beside its shard, which its
+peak memory includes. Rank 0 writes ``OUT/sequence_parallel_N.json``.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from longreach.train.recipe import configure
 TINY = {**LLAMA2_7B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2}
 
 
-def build(shape: dict, device: torch.device) -> torch.nn.Module:
+def build(shape: dict, device: torch.device, sp=None) -> torch.nn.Module:
+    """The LoRA model; with ``sp`` its weights and optimizer state split over the ranks (FSDP2)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)  # the same weights on every rank
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**shape)).to(dtype)
-    return prepare(model, FinetuneConfig(length=1, steps=1, attention="dense", position=None))
+    return prepare(model, FinetuneConfig(length=1, steps=1, attention="dense", position=None, sequence_parallel=sp,
+                                         shard_weights=sp is not None))
 
 
 def exchange_seconds(prof) -> float:
@@ -48,9 +52,10 @@ def exchange_seconds(prof) -> float:
     return max(times, default=0.0) / 1e6
 
 
-def step(model, method: str, length: int, sp, device: torch.device, vocab: int, offload: bool) -> dict:
+def step(model, method: str, length: int, sp, device: torch.device, vocab: int, offload: bool,
+         shard_weights: bool = False) -> dict:
     config = FinetuneConfig(length=length, steps=1, attention=method, position=None, warmup=0, sequence_parallel=sp,
-                            offload_activations=offload)
+                            offload_activations=offload, shard_weights=shard_weights)
     configure(model.get_base_model(), config)
     rows = torch.randint(0, vocab, (1, length + 1), generator=torch.Generator().manual_seed(length))
     if device.type == "cuda":
@@ -65,7 +70,8 @@ def step(model, method: str, length: int, sp, device: torch.device, vocab: int, 
     seconds = time.perf_counter() - started
     ranks = sp.size if sp is not None else 1
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"method": method, "length": length, "ranks": ranks, "offload": offload, "step_seconds": seconds,
+    return {"method": method, "length": length, "ranks": ranks, "offload": offload, "shard_weights": shard_weights,
+            "step_seconds": seconds,
             "tokens_per_second_per_gpu": length / seconds / ranks, "peak_gib": peak,
             "exchange_seconds": exchange_seconds(prof) if sp is not None else 0.0, "loss": history[0]["loss"]}
 
@@ -85,6 +91,8 @@ def main() -> None:
     parser.add_argument("--single", action=argparse.BooleanOptionalAction, default=True,
                         help="also rank 0 alone at length / N tokens")
     parser.add_argument("--offload", action="store_true", help="offload saved activations to host memory")
+    parser.add_argument("--shard-weights", action="store_true",
+                        help="split the weights and optimizer state over the ranks (FSDP2)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model: check the script on the CPU")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -92,10 +100,15 @@ def main() -> None:
     sp, device = join(int(os.environ["WORLD_SIZE"]), "cuda" if cuda else "cpu")
     device = torch.device(device)
     shape = TINY if args.tiny else LLAMA2_7B
-    model = build(shape, device)
+    model = build(shape, device, sp if args.shard_weights else None)
+    whole = build(shape, device) if args.shard_weights and args.single and sp.rank == 0 else model
     records = []
-    run = lambda method, length, parallel: step(model, method, length, parallel, device,  # noqa: E731
-                                                shape["vocab_size"], args.offload)
+
+    def run(method, length, parallel):
+        sharded = args.shard_weights and parallel is not None
+        return step(model if parallel is not None else whole, method, length, parallel, device, shape["vocab_size"],
+                    args.offload, sharded)
+
     for method in args.methods.split(","):
         run(method, args.length, sp)  # warm-up
         records.append(gathered(run(method, args.length, sp), sp))

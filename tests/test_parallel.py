@@ -18,6 +18,7 @@ from longreach.train.loop import sequence_loss
 
 LENGTH = 128
 DECODED = ("dense", "select_merge", "dca")
+SHARDED = ("dense", "select_merge")
 SETUPS = [
     ("dense", {}),
     ("select_merge", {"block_size": 16, "top_k": 2}),
@@ -41,7 +42,7 @@ def loss_and_grads(model, ids, weights, positions=None):
     return logits.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
 
-def worker(rank: int, size: int, port: int, failures) -> None:
+def worker(rank: int, size: int, port: int, folder: str, failures) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=size)
     torch.set_num_threads(1)
@@ -61,6 +62,8 @@ def worker(rank: int, size: int, port: int, failures) -> None:
                 dist.all_reduce(g)  # each rank's loss is its shard's share: the gradients add up
                 torch.testing.assert_close(g, expected, atol=1e-4, rtol=1e-4, msg=label)
             training_matches(name, options, sp, label)
+            if name in SHARDED:
+                sharded_training_matches(name, options, sp, label, f"{folder}/{name}")
             if name in DECODED:
                 longreach.extend(model, attention=name, **options)
                 prefill_and_decode_match(model, name, options, sp, ids, label)
@@ -91,6 +94,22 @@ def prefill_and_decode_match(model, name, options, sp, ids, label) -> None:
     head_dim = model.config.hidden_size // model.config.num_attention_heads
     assert part.past_key_values.layers[0].keys.shape == (2, kv_heads, LENGTH, head_dim)
     assert torch.equal(generate(model, ids, sp, 3), torch.cat(new, 1)), label("greedy tokens")
+
+
+def sharded_training_matches(name, options, sp, label, folder) -> None:
+    """Weights and optimizer state split over the ranks (FSDP2): three steps, the last resumed from the
+    gathered checkpoint of two, log the one-process losses (each step's loss depends on the updates before)."""
+    rows = torch.randint(0, 64, (2, LENGTH + 1), generator=torch.Generator().manual_seed(4))
+
+    def losses(sp, steps, out=None):
+        config = FinetuneConfig(length=LENGTH, steps=steps, attention=name, attention_options=options, position=None,
+                                checkpointing=False, loss_chunk=48, learning_rate=1e-2, warmup=0,
+                                sequence_parallel=sp, shard_weights=sp is not None)
+        return [h["loss"] for h in finetune(prepare(tiny_llama(), config), rows, config, out=out, progress=False)]
+
+    expected = losses(None, 3)
+    assert losses(sp, 2, folder) == pytest.approx(expected[:2], abs=1e-5), label("sharded steps")
+    assert losses(sp, 3, folder) == pytest.approx(expected, abs=1e-5), label("resumed sharded step")
 
 
 def lora_step(name, options, sp, rows):
@@ -126,10 +145,10 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("size", [2, 4])
-def test_sequence_parallel_equals_one_process(size):
+def test_sequence_parallel_equals_one_process(size, tmp_path):
     failures = mp.get_context("spawn").SimpleQueue()
     try:
-        mp.spawn(worker, args=(size, free_port(), failures), nprocs=size)
+        mp.spawn(worker, args=(size, free_port(), str(tmp_path), failures), nprocs=size)
     except mp.ProcessRaisedException:
         pass
     assert failures.empty(), failures.get()  # the first failing rank's message

@@ -118,6 +118,7 @@ def test_clex_learning_rate_steps_the_dynamics_apart_from_the_adapters():
                                                  ({"position": "clex", "attention": "select_merge"},
                                                   "position 'clex' learns its frequencies"),
                                                  ({"clex_learning_rate": 1e-5}, "applies to position='clex' only"),
+                                                 ({"shard_weights": True}, "shard_weights .* needs sequence_parallel"),
                                                  ({"position": "clex", "attention": "dense", "clex_learning_rate": 0},
                                                   "clex_learning_rate must be > 0")])
 def test_config_rejects_bad_values(kwargs, message):

@@ -238,12 +238,14 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, prog
 @click.option("--offload", is_flag=True, help="keep checkpointed activations in host memory")
 @click.option("--sequence-parallel", default=1, show_default=True, type=click.IntRange(min=1),
               help="split each row's positions over N processes (start with torchrun --nproc-per-node N)")
+@click.option("--shard-weights", is_flag=True, help="with --sequence-parallel: split the weights and optimizer "
+              "state over the N processes too (FSDP2)")
 @click.option("--device", default="cuda" if torch.cuda.is_available() else "cpu", show_default=True)
 @click.option("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32", show_default=True,
               type=click.Choice(list(DTYPES)))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="checkpoint and history directory")
 def finetune_command(model_spec, data, length, steps, attention, position, max_factor, lr, clex_lr, batch_size,
-                     accumulation, save_every, offload, sequence_parallel, device, dtype, out):
+                     accumulation, save_every, offload, sequence_parallel, shard_weights, device, dtype, out):
     """Fine-tune at a long context (LoRA + embeddings + norms); resumes from OUT's checkpoint."""
     import json
 
@@ -257,7 +259,7 @@ def finetune_command(model_spec, data, length, steps, attention, position, max_f
                                 clex_learning_rate=clex_lr,
                                 position=None if position == "none" else position, max_factor=max_factor,
                                 batch_size=batch_size, accumulation=accumulation, offload_activations=offload,
-                                sequence_parallel=sp)
+                                sequence_parallel=sp, shard_weights=shard_weights)
         model, tokenizer = load(model_spec, device, dtype)
         rows = pack(tokenizer, (p.read_text(errors="replace") for p in data), length)
         history = finetune(prepare(model, config), rows, config, out=out, save_every=save_every,

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from ..loss import token_losses
 from ..parallel import SequenceParallel, shard
 from .recipe import FinetuneConfig, configure, crd_sampler, trainable_parameters
+from .sharding import assign, clip_grad_norm, load_optimizer_state, optimizer_state, summed, whole
 
 CHECKPOINT = "checkpoint.pt"
 CLEX_STATE = "clex.pt"
@@ -86,15 +88,15 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
     if out is not None and (out / CHECKPOINT).exists():
         state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
         for name, tensor in state["params"].items():
-            params[name].data.copy_(tensor)
-        optimizer.load_state_dict(state["optimizer"])
+            assign(params[name], tensor)
+        load_optimizer_state(optimizer, state["optimizer"])
         history = state["history"]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(config.seed))
     sampler = crd_sampler(base, config)
     draws = itertools.islice(iter(sampler), len(history), None) if sampler else None
     clex = getattr(base.get_decoder(), "clex", None)
     sp = config.sequence_parallel
-    writes = out is not None and (sp is None or sp.rank == 0)
+    writes = out is not None and (sp is None or sp.rank == 0)  # the CLEX scheme's file
     model.train()
     bar = tqdm(range(len(history), config.steps), disable=not progress, desc="finetune", unit="step")
     for step in bar:
@@ -122,8 +124,13 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
             loss.backward()
             total += loss.item()
         if sp is not None:  # each rank's gradients hold what flowed through its shard; the step needs their sum
-            total = _sum_over(sp, [p.grad for p in params.values() if p.grad is not None], total)
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            grads = [p.grad for p in params.values() if p.grad is not None]
+            summed([g for g in grads if isinstance(g, DTensor)], sp.size)  # reduce-scattered as means
+            total = _sum_over(sp, [g for g in grads if not isinstance(g, DTensor)], total)
+        if config.shard_weights:
+            clip_grad_norm([p.grad for p in params.values() if p.grad is not None], 1.0, sp)
+        else:
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
@@ -131,8 +138,8 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
         history.append({"step": step, "loss": total, "lr": lr, "factor": factor, "seconds": seconds,
                         "tokens_per_second": tokens / seconds})
         bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / seconds:,.0f}")
-        if writes and ((save_every and (step + 1) % save_every == 0) or step + 1 == config.steps):
-            _save(out, params, optimizer, history)
+        if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == config.steps):
+            _save(out, params, optimizer, history, sp)
     model.eval()
     if clex is not None:
         clex.end_training()
@@ -143,16 +150,30 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
 
 def _sum_over(sp: SequenceParallel, grads: list[torch.Tensor], loss: float) -> float:
     """Sum ``grads`` in place over the ranks of ``sp``; returns the summed ``loss``."""
-    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_tensor([loss])])
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([loss], device=_device(sp))])
     dist.all_reduce(flat, group=sp.group)
     for g, part in zip(grads, flat[:-1].split([g.numel() for g in grads]), strict=True):
         g.copy_(part.view_as(g))
     return float(flat[-1])
 
 
-def _save(out: Path, params: dict, optimizer: torch.optim.Optimizer, history: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    state = {"params": {n: p.detach().cpu() for n, p in params.items()}, "optimizer": optimizer.state_dict(),
-             "history": history}
-    torch.save(state, out / (CHECKPOINT + ".tmp"))
-    (out / (CHECKPOINT + ".tmp")).replace(out / CHECKPOINT)
+def _device(sp: SequenceParallel) -> torch.device:
+    """Where ``sp``'s backend communicates from: this rank's GPU under NCCL, else the CPU."""
+    nccl = dist.get_backend(sp.group) == "nccl"
+    return torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+
+def _save(out: Path, params: dict, optimizer: torch.optim.Optimizer, history: list[dict],
+          sp: SequenceParallel | None) -> None:
+    """Write the checkpoint (rank 0 of ``sp``); sharded tensors are gathered on every rank first, and no rank
+    goes on before the file is complete (the next run of any rank may resume from it)."""
+    writes, sharded = sp is None or sp.rank == 0, any(isinstance(p, DTensor) for p in params.values())
+    if writes or sharded:
+        state = {"params": {n: whole(p).detach().cpu() for n, p in params.items()},
+                 "optimizer": optimizer_state(optimizer), "history": history}
+    if writes:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out / (CHECKPOINT + ".tmp"))
+        (out / (CHECKPOINT + ".tmp")).replace(out / CHECKPOINT)
+    if sp is not None:
+        dist.barrier(group=sp.group)

@@ -27,7 +27,8 @@ class FinetuneConfig:
     input) in pinned host memory, so GPU memory no longer grows with layers x length.
     ``sequence_parallel`` (from :func:`longreach.parallel.sequence_parallel`, one per process) splits
     each row's positions over the group's ranks: Ulysses attention, each rank's loss share, and the
-    gradients summed over the ranks before every optimizer step."""
+    gradients summed over the ranks before every optimizer step; with ``shard_weights`` those ranks also
+    split every weight and its optimizer state (FSDP2, :mod:`longreach.train.sharding`)."""
 
     length: int
     steps: int
@@ -50,6 +51,7 @@ class FinetuneConfig:
     loss_chunk: int = 1024
     seed: int = 0
     sequence_parallel: SequenceParallel | None = None
+    shard_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in ("length", "steps", "batch_size", "accumulation", "lora_rank", "loss_chunk"):
@@ -62,6 +64,11 @@ class FinetuneConfig:
             raise ValueError(f"clex_learning_rate applies to position='clex' only, got position={self.position!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.shard_weights and (self.sequence_parallel is None or self.position == CLEX):
+            raise ValueError("shard_weights splits the weights over the sequence-parallel ranks: it needs "
+                             "sequence_parallel, and position 'clex' (whose scheme saves whole tensors) is not "
+                             f"supported with it; got sequence_parallel={self.sequence_parallel}, "
+                             f"position={self.position!r}")
         if self.position == CLEX and self.attention != "dense":
             raise ValueError(f"position 'clex' learns its frequencies through the rotary PyTorch applies, which "
                              f"attention='dense' does; the kernels of {self.attention!r} rotate in Triton")
@@ -119,6 +126,10 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         # float32 master embeddings would otherwise make the residual stream, and so every
         # checkpointed activation, float32: twice the memory of a bf16 model.
         model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.to(compute_dtype))
+    if config.shard_weights:
+        from .sharding import shard_model
+
+        shard_model(peft_model, config.sequence_parallel)
     return peft_model
 
 
