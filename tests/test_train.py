@@ -102,6 +102,18 @@ def test_clex_trains_its_dynamics_with_the_adapters_saves_and_resumes(tmp_path):
     torch.testing.assert_close(saved.frequencies(3), trained.frequencies(3))
 
 
+def test_adapters_start_from_the_seed():
+    def adapters(seed):
+        torch.manual_seed(seed + 100)  # the global generator's state must not matter
+        config = FinetuneConfig(length=32, steps=1, attention="dense", position=None, seed=seed)
+        model = prepare(tiny_model("llama", max_position=64), config)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, again, other = adapters(0), adapters(0), adapters(1)
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)
+
+
 def test_clex_learning_rate_steps_the_dynamics_apart_from_the_adapters():
     _, peft_model, history = _run("dense", "clex", steps=1, max_factor=4, clex_learning_rate=1e-5)
     clex = peft_model.get_base_model().model.clex

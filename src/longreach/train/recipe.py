@@ -106,8 +106,9 @@ def crd_sampler(base: nn.Module, config: FinetuneConfig) -> CRDNTK | None:
 
 
 def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
-    """Configure ``model`` for long context, wrap it with LoRA adapters (peft) on ``lora_targets`` and
-    make the parameters named by ``trainable`` (embeddings, norms) trainable too. Returns the peft model."""
+    """Configure ``model`` for long context, wrap it with LoRA adapters (peft) on ``lora_targets``, drawn
+    from ``seed``, and make the parameters named by ``trainable`` (embeddings, norms) trainable too.
+    Returns the peft model."""
     from peft import LoraConfig
 
     configure(model, config)
@@ -117,7 +118,12 @@ def prepare(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                       target_modules=list(config.lora_targets), task_type="CAUSAL_LM")
     compute_dtype = next(model.parameters()).dtype
-    peft_model = peft_wrap(model, lora)
+    device = next(model.parameters()).device
+    # The adapters' random start from config.seed: runs repeat, and sequence-parallel ranks (each its
+    # own process) start from the same adapters.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        peft_model = peft_wrap(model, lora)
     for name, param in peft_model.named_parameters():
         if any(part in name for part in config.trainable) or (config.position == CLEX and ".clex." in name):
             param.requires_grad_(True)
