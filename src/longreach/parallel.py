@@ -43,7 +43,7 @@ def join(size: int, device: str) -> tuple[SequenceParallel, str]:
     sequence-parallel ranks; returns the setting and this rank's device."""
     if "RANK" not in os.environ:
         raise ValueError(f"sequence parallel over {size} ranks: start the command with torchrun "
-                         f"--nproc-per-node {size}")
+                         f"--nproc-per-node {size} (e.g. torchrun --nproc-per-node {size} -m longreach finetune ...)")
     if device.startswith("cuda"):
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
         torch.cuda.set_device(device)
