@@ -48,6 +48,8 @@ def worker(rank: int, size: int, port: int, folder: str, failures) -> None:
     torch.set_num_threads(1)
     try:
         model, sp = tiny_llama(), sequence_parallel(size)
+        with pytest.raises(ValueError, match=f"size {2 * size} must equal the group's {size} ranks"):
+            sequence_parallel(2 * size)  # more ranks than the processes started
         ids = torch.randint(0, 64, (2, LENGTH), generator=torch.Generator().manual_seed(1))
         weights = torch.randn(2, LENGTH, 64, generator=torch.Generator().manual_seed(2))
         positions = torch.arange(LENGTH).expand(2, -1)
