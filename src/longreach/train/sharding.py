@@ -11,6 +11,7 @@ tensors, gathered on every rank.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -26,8 +27,6 @@ def shard_model(model: nn.Module, sp: SequenceParallel) -> None:
     the final norm stay whole on every rank, their gradients summed as without sharding. Trainable
     float32 weights beside 16-bit frozen ones are gathered and computed in the frozen dtype (FSDP
     gathers one dtype per unit); their gradients are reduced and stepped in float32."""
-    import torch.distributed as dist
-
     decoder = model.get_base_model().get_decoder()
     mesh = DeviceMesh.from_group(sp.group or dist.group.WORLD, next(model.parameters()).device.type)
     frozen = next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
@@ -48,11 +47,12 @@ def summed(grads: list[torch.Tensor], ranks: int) -> None:
 def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, sp: SequenceParallel) -> None:
     """``torch.nn.utils.clip_grad_norm_`` over whole gradients (the same on every rank) and sharded ones
     (each rank its shard), which it will not take together: the norm over both, the same scale on both."""
-    import torch.distributed as dist
-
+    if not grads:
+        return
     shards = [g.to_local() for g in grads if isinstance(g, DTensor)]
     plain = [g for g in grads if not isinstance(g, DTensor)]
-    squares = torch.stack([g.float().square().sum() for g in shards]).sum() if shards else torch.zeros(())
+    zero = torch.zeros((), device=shards[0].device if shards else plain[0].device)  # NCCL reduces on the GPU
+    squares = torch.stack([g.float().square().sum() for g in shards]).sum() if shards else zero
     dist.all_reduce(squares, group=sp.group)
     if plain:
         squares = squares + torch.stack([g.float().square().sum() for g in plain]).sum().to(squares.device)
