@@ -198,10 +198,17 @@ def _ulysses(attend, sp: SequenceParallel, query: Tensor, key: Tensor, value: Te
                          "or an empty one")
     if position_ids is None:
         raise ValueError("sequence parallel: pass each rank's global position_ids (its shard of 0..L-1)")
+    key, value = (heads_from_sequence(t, sp) for t in (key, value))
+    return _shard_queries(attend, sp, query, key, value, scaling, position_ids, **kwargs)
+
+
+def _shard_queries(attend, sp: SequenceParallel, query: Tensor, key: Tensor, value: Tensor, scaling: float | None,
+                   position_ids: Tensor, **kwargs: Any) -> tuple[Tensor, None]:
+    """``attend`` for this rank's sequence shard of ``query`` (b, h, L/N, d), exchanged into its heads over
+    the whole sequence and back, against ``key``/``value`` already in that form (b, h_kv/N, L, d)."""
     batch, _, shard_len, _ = query.shape
     positions = gather_positions(position_ids.expand(batch, shard_len), sp)
-    query, key, value = (heads_from_sequence(t, sp) for t in (query, key, value))
-    out, _ = attend(query, key, value, None, scaling, positions, **kwargs)  # (b, L, h/N, d)
+    out, _ = attend(heads_from_sequence(query, sp), key, value, None, scaling, positions, **kwargs)  # (b, L, h/N, d)
     return sequence_from_heads(out.transpose(1, 2), sp).transpose(1, 2).contiguous(), None
 
 
@@ -220,9 +227,7 @@ def _head_sharded(attend, layer: HeadShardLayer, query: Tensor, key: Tensor, val
     if layer.replicated:
         out, _ = attend(local_heads(query, sp), key, value, None, scaling, position_ids.expand(batch, q_len), **kwargs)
         return gather_heads(out.transpose(1, 2), sp).transpose(1, 2).contiguous(), None
-    positions = gather_positions(position_ids.expand(batch, q_len), sp)
-    out, _ = attend(heads_from_sequence(query, sp), key, value, None, scaling, positions, **kwargs)
-    return sequence_from_heads(out.transpose(1, 2), sp).transpose(1, 2).contiguous(), None
+    return _shard_queries(attend, sp, query, key, value, scaling, position_ids, **kwargs)
 
 
 def _policy_layer(setup: Setup | None, module: nn.Module, key: Tensor) -> policies.PolicyLayer | None:

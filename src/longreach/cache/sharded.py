@@ -37,7 +37,6 @@ class HeadShardCache(Cache):
 
     def __init__(self, sp: SequenceParallel, num_layers: int):
         super().__init__(layers=[HeadShardLayer(sp) for _ in range(num_layers)])
-        self.sp = sp
 
 
 @torch.no_grad()

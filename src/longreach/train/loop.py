@@ -60,11 +60,12 @@ def _rows_for(step: int, micro: int, config: FinetuneConfig, order: torch.Tensor
 
 def _parameter_groups(params: dict[str, torch.Tensor], config: FinetuneConfig) -> list[dict]:
     """AdamW groups, each with its ``peak_lr``: CLEX's dynamics at ``clex_learning_rate`` where set."""
-    ode = [p for name, p in params.items() if ".clex." in name and config.clex_learning_rate is not None]
-    rest = [p for p in params.values() if all(p is not q for q in ode)]
+    ode = [name for name in params if ".clex." in name] if config.clex_learning_rate is not None else []
+    rest = [p for name, p in params.items() if name not in ode]
     groups = [{"params": rest, "lr": config.learning_rate, "peak_lr": config.learning_rate}]
     if ode:
-        groups.append({"params": ode, "lr": config.clex_learning_rate, "peak_lr": config.clex_learning_rate})
+        groups.append({"params": [params[name] for name in ode], "lr": config.clex_learning_rate,
+                       "peak_lr": config.clex_learning_rate})
     return groups
 
 
@@ -127,8 +128,8 @@ def finetune(model: torch.nn.Module, rows: torch.Tensor, config: FinetuneConfig,
             grads = [p.grad for p in params.values() if p.grad is not None]
             summed([g for g in grads if isinstance(g, DTensor)], sp.size)  # reduce-scattered as means
             total = _sum_over(sp, [g for g in grads if not isinstance(g, DTensor)], total)
-        if config.shard_weights:
-            clip_grad_norm([p.grad for p in params.values() if p.grad is not None], 1.0, sp)
+        if config.shard_weights:  # implies sp: grads are this step's, summed
+            clip_grad_norm(grads, 1.0, sp)
         else:
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         optimizer.step()
