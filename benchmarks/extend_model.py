@@ -12,9 +12,12 @@ a fresh copy of ``--model`` for exactly ``--steps`` steps of ``--batch`` rows of
 in the same order from ``CORPUS/train.jsonl.xz`` mixed with synthetic passkey and needle rows
 (``--retrieval``), so all runs see the same tokens; time, tokens and peak memory are recorded. The tuned
 model is then evaluated under its natural inference setup: its own attention (dense for s2 and sf, which
-LongLoRA uses only in training), a fixed scheme at its training factor, NTK at each length's factor after
-CRD-NTK, CLEX with its trained state; ``--untuned SETUP,...`` evaluates the un-tuned model too, in the
-same process. Writes ``OUT/extend_model.json`` after every evaluation, and one plot per evaluation.
+LongLoRA uses only in training), a fixed scheme at its training factor, NTK at each length's factor after CRD-
+NTK (at most its largest training factor), CLEX with its trained state; ``--untuned SETUP,...`` evaluates the
+un-tuned model too, in the same process. Lengths past ``--quadratic-limit`` are evaluated (with ``--long-
+trials`` prompts per cell) only under attention whose cost grows linearly, and a retrieval evaluation stops
+after two lengths in a row that scored nothing. Writes ``OUT/extend_model.json`` after every evaluation, and
+one plot per evaluation.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from longreach.train.loop import CLEX_STATE
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TRAINING_ONLY = ("s2", "sf")
+LINEAR_COST = ("select_merge", "sinks")
 CONFIG_KEYS = ("max_factor", "factor", "lora_rank", "learning_rate", "clex_learning_rate")
 
 
@@ -75,38 +79,54 @@ def train(args, spec: str, stream) -> tuple[torch.nn.Module, object, dict]:
     return merged.to(dtype).eval(), tokenizer, record
 
 
-def inference_setup(args, spec: str, trained: int) -> tuple[str, float | None, dict]:
-    """The tuned model's setup: (setup name, factor or None for each length's own, options)."""
+def inference_setup(args, spec: str, trained: int) -> tuple[str, object, dict]:
+    """The tuned model's setup: (setup name, length -> factor or None, options)."""
     name, attention, position, options = parse_run(spec)
+    max_factor = float(options.get("max_factor", FinetuneConfig.max_factor))
     options = {k: v for k, v in options.items() if k not in CONFIG_KEYS}
     attention = "dense" if attention in TRAINING_ONLY else attention
     options = {} if attention == "dense" else options
     if position == "clex":
-        return f"{attention}+clex", None, {**options, "state": str(args.out / name / CLEX_STATE)}
-    if position == "crd_ntk":
-        return f"{attention}+ntk", None, options
+        return f"{attention}+clex", lambda length: None, {**options, "state": str(args.out / name / CLEX_STATE)}
+    if position == "crd_ntk":  # NTK at each length's factor, within the factors CRD-NTK trained on
+        return f"{attention}+ntk", lambda length: min(max_factor, max(1.0, length / trained)), options
     if position is None:
-        return attention, None, options
-    return f"{attention}+{position}", max(1.0, args.length / trained), options
+        return attention, lambda length: None, options
+    return f"{attention}+{position}", lambda length: max(1.0, args.length / trained), options
 
 
-def evaluate(model, tokenizer, label: str, setup: str, factor: float | None, options: dict, args) -> dict:
+def reaches(setup: str, length: int, args) -> bool:
+    """Whether ``setup`` is evaluated at ``length``: past ``--quadratic-limit`` only where attention's cost
+    grows linearly (a dense 1M-token prompt on one GPU costs minutes a trial)."""
+    return length <= args.quadratic_limit or setups.parse(setup).get("attention") in LINEAR_COST
+
+
+def evaluate(model, tokenizer, label: str, setup: str, factor_at, options: dict, args) -> dict:
+    """Records of each evaluation at each length the setup reaches; a retrieval evaluation stops after
+    two lengths in a row that scored nothing."""
     found = {}
     for kind in args.evals.split(","):
-        rows = []
-        for length in args.lengths:
-            setups.apply(model, setup, factor=factor, lengths=[length], options=options)
+        rows, zeros = [], 0
+        for length in (n for n in args.lengths if reaches(setup, n, args)):
+            if zeros >= 2:
+                break
+            setups.apply(model, setup, factor=factor_at(length), lengths=[length], options=options)
             if kind == "passkey":
-                rows += passkey(model, tokenizer, [length], DEPTHS, trials=args.trials, batch_size=1,
-                                prefill_chunk=args.prefill_chunk)
+                cell = passkey(model, tokenizer, [length], DEPTHS, trials=trials(args, length), batch_size=1,
+                               prefill_chunk=args.prefill_chunk)
             elif kind == "needle":
-                rows += needle(model, tokenizer, [length], DEPTHS, texts=haystack_texts(), trials=args.trials,
-                               batch_size=1, prefill_chunk=args.prefill_chunk)
+                cell = needle(model, tokenizer, [length], DEPTHS, texts=haystack_texts(), trials=trials(args, length),
+                              batch_size=1, prefill_chunk=args.prefill_chunk)
             else:
-                rows += perplexity(model, tokenizer, [length], texts=haystack_texts(), window=256,
-                                   samples=args.samples)
-        found[kind] = [{"setup": label, "inference": setup, "factor": factor, **r} for r in rows]
+                cell = perplexity(model, tokenizer, [length], texts=haystack_texts(), window=256, samples=args.samples)
+            zeros = zeros + 1 if kind != "perplexity" and not any(r["correct"] for r in cell) else 0
+            rows += [{"factor": factor_at(length), **r} for r in cell]
+        found[kind] = [{"setup": label, "inference": setup, **r} for r in rows]
     return found
+
+
+def trials(args, length: int) -> int:
+    return args.trials if length <= args.quadratic_limit else args.long_trials
 
 
 def main() -> None:
@@ -125,6 +145,9 @@ def main() -> None:
     parser.add_argument("--evals", default="passkey,needle,perplexity")
     parser.add_argument("--lengths", type=parse_lengths, default=[8192, 32768, 131072])
     parser.add_argument("--trials", type=int, default=2, help="prompts per (length, depth)")
+    parser.add_argument("--long-trials", type=int, default=1, help="prompts per cell past --quadratic-limit")
+    parser.add_argument("--quadratic-limit", type=lambda s: parse_lengths(s)[0], default=131072,
+                        help="the longest length for setups whose attention cost grows quadratically")
     parser.add_argument("--samples", type=int, default=2, help="perplexity segments")
     parser.add_argument("--prefill-chunk", type=int, default=None)
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
@@ -150,14 +173,14 @@ def main() -> None:
 
     for setup in filter(None, args.untuned.split(",")):
         model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-        write(evaluate(model, tokenizer, f"untuned ({setup})", setup, None, {}, args))
+        write(evaluate(model, tokenizer, f"untuned ({setup})", setup, lambda length: None, {}, args))
         del model
     for spec in args.runs.split(","):
         model, tokenizer, record = train(args, spec, stream)
         result["training"][spec.partition("=")[0]] = record
         print(spec, {k: v for k, v in record.items() if k != "curve"}, flush=True)
-        setup, factor, options = inference_setup(args, spec, model.config.max_position_embeddings)
-        write(evaluate(model, tokenizer, f"tuned {spec.partition('=')[0]} ({setup})", setup, factor, options, args))
+        setup, factor_at, options = inference_setup(args, spec, model.config.max_position_embeddings)
+        write(evaluate(model, tokenizer, f"tuned {spec.partition('=')[0]} ({setup})", setup, factor_at, options, args))
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()

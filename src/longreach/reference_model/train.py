@@ -5,6 +5,7 @@ small Llama (grouped-query attention, RoPE) at 512 tokens on the corpus mixed wi
 passkey and needle prompts, then records held-out perplexity and passkey accuracy and saves the
 weights (bfloat16 safetensors) with the tokenizer and ``training.json``.
 
+``--steps N`` replaces the time budget by a step count, so that runs of different speed see the same tokens.
 ``--attention NAME --option KEY=VALUE ...`` pretrains under any registered attention method (e.g.
 ``--attention select_merge --option block_size=32 --option top_k=4``, rotary positions on the selected
 tokens by default); the held-out loss and passkey are measured under it too, and the saved model is the
@@ -61,6 +62,11 @@ def _loss(model, rows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten())
 
 
+def _progress(args: argparse.Namespace, step: int, elapsed: float) -> float:
+    """The share of the budget spent: steps when ``--steps`` fixes them (equal budgets across runs), else time."""
+    return step / args.steps if args.steps else elapsed / (args.minutes * 60)
+
+
 def train(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
@@ -79,9 +85,10 @@ def train(args: argparse.Namespace) -> dict:
                                   fused=DEVICE == "cuda")
     batches = Batches(tokenizer, stream, ARCHITECTURE["max_position_embeddings"], args.retrieval, args.seed)
     curve, step, start = [], 0, time.time()
-    while (elapsed := time.time() - start) < args.minutes * 60:
+    while (progress := _progress(args, step, time.time() - start)) < 1.0:
+        elapsed = time.time() - start
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, elapsed / (args.minutes * 60), args.lr, args.warmup)
+            group["lr"] = learning_rate(step, progress, args.lr, args.warmup)
         rows = batches(args.batch).to(DEVICE, non_blocking=True)
         with torch.autocast(DEVICE, torch.bfloat16):
             loss = _loss(model, rows)
@@ -115,7 +122,8 @@ def main() -> None:
     parser.add_argument("corpus", type=Path)
     parser.add_argument("tokenizer", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--minutes", type=float, default=6.0)
+    parser.add_argument("--minutes", type=float, default=6.0, help="time budget (unless --steps is given)")
+    parser.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead of --minutes")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=200)
