@@ -12,12 +12,12 @@ a fresh copy of ``--model`` for exactly ``--steps`` steps of ``--batch`` rows of
 in the same order from ``CORPUS/train.jsonl.xz`` mixed with synthetic passkey and needle rows
 (``--retrieval``), so all runs see the same tokens; time, tokens and peak memory are recorded. The tuned
 model is then evaluated under its natural inference setup: its own attention (dense for s2 and sf, which
-LongLoRA uses only in training), a fixed scheme at its training factor, NTK at each length's factor after CRD-
-NTK (at most its largest training factor), CLEX with its trained state; ``--untuned SETUP,...`` evaluates the
-un-tuned model too, in the same process. Lengths past ``--quadratic-limit`` are evaluated (with ``--long-
-trials`` prompts per cell) only under attention whose cost grows linearly, and a retrieval evaluation stops
-after two lengths in a row that scored nothing. Writes ``OUT/extend_model.json`` after every evaluation, and
-one plot per evaluation.
+LongLoRA uses only in training), a fixed scheme at its training factor, NTK at each length's factor after
+CRD-NTK (at most its largest training factor), CLEX with its trained state; ``--untuned SETUP,...`` evaluates
+the un-tuned model too, in the same process. Lengths past ``--quadratic-limit`` are evaluated (with
+``--long-trials`` prompts per cell) only under attention whose cost grows linearly, and a retrieval evaluation
+stops after two lengths in a row that scored nothing. Writes ``OUT/extend_model.json`` after every evaluation,
+and one plot per evaluation.
 """
 
 from __future__ import annotations
