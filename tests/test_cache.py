@@ -305,6 +305,17 @@ def test_static_cache_decodes_like_the_full_cache(arch, policy, options):
     assert torch.equal(torch.cat([ids, *tokens], dim=1), full)
 
 
+def test_static_cache_full_raises_instead_of_writing_past_its_slots():
+    model = tiny_model("llama")
+    ids = torch.randint(1, model.config.vocab_size, (1, 30))
+    longreach.extend(model, attention="dense")
+    cache = make_static_cache("full", model.config.num_hidden_layers, 32)
+    decoder = GraphDecoder(model, cache, prefill(model, ids, cache), ids.shape[1])
+    decoder.step(), decoder.step()
+    with pytest.raises(ValueError, match="32 slots are full"):
+        decoder.step()
+
+
 def _attention_over(q, k, v, index):
     """Batch row 0's decode attention (h, d) of q (1, h, 1, d) over the cache slots ``index``, kv heads
     shared by pairs of query heads."""
@@ -330,9 +341,9 @@ def test_graph_replay_decodes_like_eager_steps(policy, options):
         cache = make_static_cache(policy, model.config.num_hidden_layers, 160, **options)
         decoder = GraphDecoder(model, cache, prefill(model, ids, cache), ids.shape[1])
         if graph:
-            decoder.capture(warmup=2)  # the two warm-up steps run eagerly
-        steps = [decoder.step().clone() for _ in range(10 if graph else 12)]
-        runs.append((torch.cat(steps[-10:], dim=1), cache.layers[0]))
+            decoder.capture(warmup=2)  # the two warm-up steps run eagerly; the first two step() calls return them
+        steps = [decoder.step().clone() for _ in range(12)]
+        runs.append((torch.cat(steps, dim=1), cache.layers[0]))
     (eager, eager_layer), (replayed, layer) = runs
     assert torch.equal(replayed, eager)
     if policy == "token_select":

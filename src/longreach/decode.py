@@ -52,13 +52,15 @@ def prefill(model, ids: Tensor, cache: PolicyCache, chunk: int | None = None) ->
     return out.logits[:, -1:].argmax(-1)
 
 
-def capture_graph(fn: Callable[[], object], warmup: int = 1) -> torch.cuda.CUDAGraph:
-    """Run ``fn`` ``warmup`` times on a side stream (first allocations, autotuning), then capture one call."""
+def capture_graph(fn: Callable[[], object], warmup: int = 1, warm: Callable[[], object] | None = None
+                  ) -> torch.cuda.CUDAGraph:
+    """Run ``warm`` (default ``fn``) ``warmup`` times on a side stream (first allocations, autotuning), then
+    capture one call of ``fn``."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(warmup):
-            fn()
+            (warm or fn)()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -70,7 +72,9 @@ class GraphDecoder:
     """Decodes one token per :meth:`step` for a batch of prompts whose cache is already filled.
 
     ``token`` (b, 1): the first token to feed (the prompt's greedy continuation); ``position``: its
-    position (the prompt length). Steps before :meth:`capture` run eagerly (warm-up).
+    position (the prompt length). Steps before :meth:`capture` run eagerly; so do capture's warm-up
+    steps, whose tokens the next :meth:`step` calls return, so that no decoded token is skipped. Each
+    decoded token takes a cache slot: a step past the cache's ``max_cache_len`` raises.
     """
 
     def __init__(self, model, cache: PolicyCache, token: Tensor, position: int):
@@ -81,6 +85,19 @@ class GraphDecoder:
         self.token = token.clone()
         self.position = torch.full((token.shape[0], 1), position, device=token.device, dtype=torch.long)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.pending: list[Tensor] = []
+        self.capacity, self.used = cache.layers[0].max_cache_len, position
+
+    def _take_slot(self) -> None:
+        if self.used >= self.capacity:
+            raise ValueError(f"the static cache's {self.capacity} slots are full: make it with max_cache_len of "
+                             f"at least the prompt plus the tokens to decode (plus capture's warm-up steps)")
+        self.used += 1
+
+    def _warm(self) -> None:
+        self._take_slot()
+        self._forward()
+        self.pending.append(self.token.clone())
 
     @torch.no_grad()
     def _forward(self) -> None:
@@ -93,10 +110,13 @@ class GraphDecoder:
         """Run ``warmup`` eager steps on a side stream, then capture one step (CUDA only)."""
         if self.token.device.type != "cuda":
             raise ValueError(f"capture needs CUDA; the decoder runs on {self.token.device} (step() runs eagerly)")
-        self.graph = capture_graph(self._forward, warmup)
+        self.graph = capture_graph(self._forward, warmup, warm=self._warm)
 
     def step(self) -> Tensor:
         """Decode one token; returns the (b, 1) tokens just produced (a buffer the next step overwrites)."""
+        if self.pending:
+            return self.pending.pop(0)
+        self._take_slot()
         if self.graph is None:
             self._forward()
         else:
