@@ -355,3 +355,38 @@ def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(sco
     on_device = [select_blocks(q.to(DEVICE), k.to(DEVICE), v=values, **opts).cpu()
                  for values in (None, None if v is None else v.to(DEVICE))]
     assert all(torch.equal(a, e) for a, e in zip(on_device, expected, strict=True))
+
+
+@pytest.mark.parametrize(("rows", "n", "take", "first", "sink", "local"), [
+    (7, 40, 4, 33, 1, 2),     # every row has candidates
+    (9, 20, 8, 0, 1, 2),      # early rows have fewer candidates than take: the rest are n
+    (3, 1100, 8, 1097, 2, 0),  # a row wider than a program's share: one row per program
+])
+def test_top_blocks_kernel_picks_as_the_reference(rows, n, take, first, sink, local):
+    from longreach.attention.select_merge import top_indices
+    from longreach.kernels.block_topk import top_blocks
+
+    gen = torch.Generator().manual_seed(rows)
+    scores = torch.randint(0, 6, (2, 3, rows, n), generator=gen).float()  # many ties
+    scores[0, 0, 0, :n // 2] = float("-inf")  # causally unseen blocks score -inf
+    query_block = torch.arange(first, first + rows)[:, None]
+    blocks = torch.arange(n)
+    candidate = (blocks >= sink) & (blocks < query_block - local)
+    masked = scores.masked_fill(~candidate, float("-inf"))
+    best = top_indices(masked, take)
+    expected = torch.where(torch.isfinite(masked.gather(-1, best)), best, n)
+    out = top_blocks(scores.to(DEVICE), take, first, sink, local).cpu()
+    assert torch.equal(out.sort(-1).values, expected.sort(-1).values)
+    picked = masked.gather(-1, out.clamp_max(n - 1)).masked_fill(out == n, float("-inf"))
+    assert (picked[..., :-1] >= picked[..., 1:]).all()  # best first
+
+
+def test_top_blocks_kernel_bad_input():
+    from longreach.kernels.block_topk import MAX_BLOCKS, top_blocks
+
+    with pytest.raises(ValueError, match="float32 scores"):
+        top_blocks(torch.zeros(1, 4, 8, dtype=torch.float16, device=DEVICE), 2, 0, 1, 1)
+    with pytest.raises(ValueError, match="take in"):
+        top_blocks(torch.zeros(1, 4, 8, device=DEVICE), 9, 0, 1, 1)
+    with pytest.raises(ValueError, match=f"1..{MAX_BLOCKS} blocks"):
+        top_blocks(torch.zeros(1, 1, MAX_BLOCKS + 1, device=DEVICE), 2, 0, 1, 1)

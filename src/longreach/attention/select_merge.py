@@ -151,6 +151,22 @@ def _fused(score: str, q: Tensor, part: int) -> bool:
             and not part & (part - 1) and part <= 128)
 
 
+def _fused_top(q: Tensor, n_blocks: int, take: int, plain: bool) -> bool:
+    """Whether the kernel picks the blocks (masking, top-k, dropping non-finite picks in one pass): on
+    ``plain`` scores (per head, or a group's mean; the softmax vote needs the candidate mask first)."""
+    if not (plain and kernels.enabled(q)):
+        return False
+    from ..kernels.block_topk import MAX_BLOCKS, MAX_TAKE
+
+    return n_blocks <= MAX_BLOCKS and 1 <= take <= MAX_TAKE
+
+
+def _top_blocks(scores: Tensor, take: int, first_block: int, sink: int, local: int) -> Tensor:
+    from ..kernels.block_topk import top_blocks
+
+    return top_blocks(scores, take, first_block, sink, local)
+
+
 def top_indices(scores: Tensor, take: int) -> Tensor:
     """Indices (..., take) of the ``take`` largest of ``scores`` (..., n), ties going to the lower index.
 
@@ -222,11 +238,16 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives, v)
+    fused_top = _fused_top(q, n_k, take, per_head or vote == "mean")
     for lo in range(0, n_q if take else 0, rows):
         qb = q_block[lo : lo + rows]
         candidate = (key_block >= sink) & (key_block < qb - local)
         scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
                                first // block_size + lo)
+        if fused_top:  # the kernel masks the non-candidates itself
+            scores = scores.flatten(1, 2) if per_head else scores.mean(2)
+            picked[:, :, lo : lo + rows, :take] = _top_blocks(scores, take, first // block_size + lo, sink, local)
+            continue
         scores = scores.masked_fill(~candidate, float("-inf"))
         if per_head:
             scores = scores.flatten(1, 2)
