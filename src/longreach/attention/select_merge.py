@@ -156,9 +156,9 @@ def _fused_top(q: Tensor, n_blocks: int, take: int, plain: bool) -> bool:
     ``plain`` scores (per head, or a group's mean; the softmax vote needs the candidate mask first)."""
     if not (plain and kernels.enabled(q)):
         return False
-    from ..kernels.block_topk import MAX_BLOCKS, MAX_TAKE
+    from ..kernels.block_topk import MAX_TAKE
 
-    return n_blocks <= MAX_BLOCKS and 1 <= take <= MAX_TAKE
+    return 1 <= take <= min(n_blocks, MAX_TAKE)
 
 
 def _top_blocks(scores: Tensor, take: int, first_block: int, sink: int, local: int) -> Tensor:

@@ -4,9 +4,11 @@ without a finite score.
 
 On the H200 at 64K tokens those steps took half of the selection's time (torch.topk is a radix
 select of several launches, run twice by top_indices to break ties the same way for any shape, then
-masks, a cumulative sum and gathers over the (rows x blocks) scores). Here a program holds ROWS rows of
-scores, masks the blocks a row may not pick, and takes its best TAKE one at a time: the maximum, then
-the lowest block holding it, which is then struck out. The scores are read once.
+masks, a cumulative sum and gathers over the (rows x blocks) scores). Here a program walks ROWS rows of
+scores a tile of blocks at a time, masks the blocks a row may not pick, and merges the tile into the
+best TAKE kept so far, one pick at a time: the larger of the tile's and the kept maximum, the lowest
+block holding it, which is then struck out. The scores are read once, and rows of any width (a
+4M-token prompt has 65,536 blocks) take the same path.
 """
 
 from __future__ import annotations
@@ -16,29 +18,44 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_BLOCKS = 16384  # a row of a 1M-token prompt at block 64; longer rows keep the reference
 MAX_TAKE = 128
-ELEMENTS = 4096  # scores a program holds
+ELEMENTS = 4096  # scores a program holds at a time
 
 
 @triton.jit
-def _top_blocks_kernel(S, OUT, R, N, NQ, FIRST, SINK, LOCAL, TAKE: tl.constexpr, BLOCK_N: tl.constexpr,
-                       ROWS: tl.constexpr):
+def _top_blocks_kernel(S, OUT, R, N, NQ, FIRST, SINK, LOCAL, TAKE: tl.constexpr, SLOTS: tl.constexpr,
+                       TILE: tl.constexpr, ROWS: tl.constexpr):
     # Program i: rows i * ROWS.. of S (R, N); row r is query block FIRST + r % NQ, whose candidates are the
-    # blocks SINK <= c < FIRST + r % NQ - LOCAL. Writes the TAKE best (N where no finite score is left).
+    # blocks SINK <= c < FIRST + r % NQ - LOCAL. Walks the row TILE blocks at a time, keeping the best TAKE
+    # so far (best first; N where no finite score is left) and merging each tile into them.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_N)
-    present = (rows < R)[:, None] & (cols < N)[None, :]
     last = FIRST + rows % NQ - LOCAL
-    candidate = present & (cols[None, :] >= SINK) & (cols[None, :] < last[:, None])
-    x = tl.load(S + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=present, other=float("-inf"))
-    x = tl.where(candidate, x, float("-inf"))
-    out = OUT + rows.to(tl.int64) * TAKE
-    for t in tl.static_range(TAKE):
-        best = tl.max(x, axis=1)
-        at = tl.min(tl.where(x == best[:, None], cols[None, :], BLOCK_N), axis=1)
-        tl.store(out + t, tl.where(best > float("-inf"), at, N).to(tl.int64), mask=rows < R)
-        x = tl.where(cols[None, :] == at[:, None], float("-inf"), x)
+    slot = tl.arange(0, SLOTS)
+    top_v = tl.full((ROWS, SLOTS), float("-inf"), tl.float32)
+    top_i = tl.full((ROWS, SLOTS), N, tl.int32)
+    for c0 in range(0, N, TILE):
+        cols = c0 + tl.arange(0, TILE)
+        present = (rows < R)[:, None] & (cols < N)[None, :]
+        candidate = present & (cols[None, :] >= SINK) & (cols[None, :] < last[:, None])
+        x = tl.load(S + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=present, other=float("-inf"))
+        x = tl.where(candidate, x, float("-inf"))
+        kept = top_v
+        new_v = tl.full((ROWS, SLOTS), float("-inf"), tl.float32)
+        new_i = tl.full((ROWS, SLOTS), N, tl.int32)
+        for t in tl.static_range(TAKE):
+            best_x = tl.max(x, axis=1)
+            best_k = tl.max(kept, axis=1)
+            at_x = tl.min(tl.where(x == best_x[:, None], cols[None, :], N), axis=1)
+            at_k = tl.min(tl.where(kept == best_k[:, None], top_i, N), axis=1)
+            older = best_k >= best_x  # a tie goes to the kept block: earlier tiles hold lower blocks
+            new_v = tl.where(slot[None, :] == t, tl.where(older, best_k, best_x)[:, None], new_v)
+            new_i = tl.where(slot[None, :] == t, tl.where(older, at_k, at_x)[:, None], new_i)
+            kept = tl.where(older[:, None] & (top_i == at_k[:, None]), float("-inf"), kept)
+            x = tl.where(~older[:, None] & (cols[None, :] == at_x[:, None]), float("-inf"), x)
+        top_v, top_i = new_v, new_i
+    found = tl.where(top_v > float("-inf"), top_i, N).to(tl.int64)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * TAKE + slot[None, :], found,
+             mask=(rows < R)[:, None] & (slot < TAKE)[None, :])
 
 
 def top_blocks(scores: Tensor, take: int, first: int, sink: int, local: int) -> Tensor:
@@ -47,15 +64,15 @@ def top_blocks(scores: Tensor, take: int, first: int, sink: int, local: int) -> 
     candidates are the blocks c with ``sink`` <= c < ``first`` + i - ``local``; a pick with no finite
     candidate score left is n."""
     *_, nq, n = scores.shape
-    if scores.dtype != torch.float32 or not 1 <= n <= MAX_BLOCKS or not 1 <= take <= min(n, MAX_TAKE):
-        raise ValueError(f"top_blocks kernel: float32 scores of 1..{MAX_BLOCKS} blocks and take in 1..min(blocks, "
+    if scores.dtype != torch.float32 or not 1 <= n < 2**31 or not 1 <= take <= min(n, MAX_TAKE):
+        raise ValueError(f"top_blocks kernel: float32 scores of at least one block and take in 1..min(blocks, "
                          f"{MAX_TAKE}), got {scores.dtype}, {n} blocks, take {take}")
     scores = scores.contiguous()
     out = torch.empty(*scores.shape[:-1], take, device=scores.device, dtype=torch.int64)
-    block_n = triton.next_power_of_2(n)
-    rows = max(1, ELEMENTS // block_n)
+    tile = min(triton.next_power_of_2(n), ELEMENTS)
+    rows = ELEMENTS // tile
     count = scores.numel() // n
     _top_blocks_kernel[(triton.cdiv(count, rows),)](scores, out, count, n, nq, first, sink, local, TAKE=take,
-                                                     BLOCK_N=block_n, ROWS=rows,
-                                                     num_warps=min(16, max(4, rows * block_n // 1024)))
+                                                     SLOTS=triton.next_power_of_2(take), TILE=tile, ROWS=rows,
+                                                     num_warps=4)
     return out
