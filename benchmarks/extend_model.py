@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -79,7 +80,7 @@ def train(args, spec: str, stream) -> tuple[torch.nn.Module, object, dict]:
     return merged.to(dtype).eval(), tokenizer, record
 
 
-def inference_setup(args, spec: str, trained: int) -> tuple[str, object, dict]:
+def inference_setup(args, spec: str, trained: int) -> tuple[str, Callable[[int], float | None], dict]:
     """The tuned model's setup: (setup name, length -> factor or None, options)."""
     name, attention, position, options = parse_run(spec)
     max_factor = float(options.get("max_factor", FinetuneConfig.max_factor))
@@ -101,7 +102,8 @@ def reaches(setup: str, length: int, args) -> bool:
     return length <= args.quadratic_limit or setups.parse(setup).get("attention") in LINEAR_COST
 
 
-def evaluate(model, tokenizer, label: str, setup: str, factor_at, options: dict, args) -> dict:
+def evaluate(model, tokenizer, label: str, setup: str, factor_at: Callable[[int], float | None], options: dict,
+             args) -> dict:
     """Records of each evaluation at each length the setup reaches; a retrieval evaluation stops after
     two lengths in a row that scored nothing."""
     found = {}
