@@ -393,3 +393,37 @@ def test_top_blocks_kernel_bad_input():
         top_blocks(torch.zeros(1, 4, 8, dtype=torch.float16, device=DEVICE), 2, 0, 1, 1)
     with pytest.raises(ValueError, match="take in"):
         top_blocks(torch.zeros(1, 4, 8, device=DEVICE), 9, 0, 1, 1)
+
+
+def _masked_reference(q, k, v, allowed):
+    """Softmax attention of q (b, h, Lq, d) over k, v (b, h_kv, Lk, d) where ``allowed`` (b, h, Lq, Lk);
+    a query that sees no key outputs zeros."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(~allowed, float("-inf"))
+    return torch.where(allowed.any(-1, keepdim=True), scores.softmax(-1), 0.0) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize(("q_len", "k_len", "tabled"), [(64, 64, False), (70, 150, False), (150, 53, False),
+                                                        (77, 77, True), (40, 130, True), (100, 37, True)])
+def test_non_causal_and_cross_attention_match_the_reference(q_len, k_len, tabled, dtype):
+    block, gen = 16, torch.Generator().manual_seed(q_len + k_len)
+    q, k, v = inputs(2, 4, 2, q_len, k_len, 32, dtype)
+    n_q, n_k = -(-q_len // block), -(-k_len // block)
+    allowed = torch.ones(2, 4, q_len, k_len, dtype=torch.bool)
+    table = None
+    if tabled:  # any key blocks, holes, and query blocks that list nothing
+        table = torch.randint(-1, n_k, (2, 4, n_q, 3), generator=gen)
+        table[:, :, ::3] = -1
+        ordered = table.sort(-1).values
+        table = torch.where(torch.cat([ordered[..., :1] < -1, ordered[..., 1:] == ordered[..., :-1]], -1), -1, ordered)
+        listed = torch.zeros(2, 4, n_q, n_k + 1, dtype=torch.bool).scatter_(-1, table.clamp_min(-1) % (n_k + 1), True)
+        allowed = listed[..., :n_k].repeat_interleave(block, 2)[:, :, :q_len].repeat_interleave(block, 3)[..., :k_len]
+        table = table.to(DEVICE)
+    out = block_sparse_attention(q, k, v, table, block_size=block, causal=False)
+    exact = upcast(q, k, v)
+    reference = _masked_reference(*exact, allowed.to(DEVICE))
+    close(out, reference, dtype)
+    for got, want in zip(grads(out, (q, k, v), 1), grads(reference, exact, 1), strict=True):
+        close(got, want, dtype)

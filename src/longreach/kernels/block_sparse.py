@@ -42,7 +42,7 @@ from .rotary import turn
 from .tiles import batch_head, load_halves, rotate, store_halves
 
 LOG2E = 1.4426950408889634
-KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT", "FRAMES", "KEY_FRAMES", "RULE", "DENSE"]
+KEYS = ["HALF", "BLOCK", "ROTARY", "TOKEN_MASK", "DOT", "FRAMES", "KEY_FRAMES", "RULE", "DENSE", "CAUSAL"]
 # The interpreter (CPU tests) needs no tuning; on a GPU pick among a few pipelines per shape class.
 CONFIGS = [triton.Config({}, num_warps=4, num_stages=2)]
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -124,8 +124,12 @@ def _store_gradient(base, rows, ok, stride, g1, g2, TCOS, TSIN, scale, HALF: tl.
 
 
 @triton.jit
-def _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.constexpr):
-    ok = (k_idx[None, :] <= q_idx[:, None]) & (k_idx[None, :] < Lk)
+def _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK: tl.constexpr,
+             CAUSAL: tl.constexpr):
+    if CAUSAL:
+        ok = (k_idx[None, :] <= q_idx[:, None]) & (k_idx[None, :] < Lk)
+    else:
+        ok = (k_idx[None, :] < Lk) & (q_idx[:, None] >= 0)  # (queries, keys), as the causal mask
     if TOKEN_MASK:
         rule = tl.full(ok.shape, True, tl.int1)
         if WINDOW > 0:
@@ -139,10 +143,14 @@ def _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_
 
 @triton.jit
 def _needs_mask(q_block, k_block, diagonal, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, BLOCK: tl.constexpr,
-                TOKEN_MASK: tl.constexpr):
-    # The diagonal pair always needs the per-token mask (causal, ragged edge); with token rules, so
-    # does any pair the rule does not allow whole (a window or group border inside it).
-    need = diagonal
+                TOKEN_MASK: tl.constexpr, CAUSAL: tl.constexpr):
+    # The diagonal pair always needs the per-token mask (causal, ragged edge), or without causality the
+    # ragged last key block; with token rules, so does any pair the rule does not allow whole (a window or
+    # group border inside it).
+    if CAUSAL:
+        need = diagonal
+    else:
+        need = (k_block + 1) * BLOCK > Lk
     if TOKEN_MASK:
         q_lo = q_block * BLOCK
         q_hi = tl.minimum(q_lo + BLOCK, Lk) - 1
@@ -247,9 +255,11 @@ def _query_block(NQ, DENSE: tl.constexpr):
 
 
 @triton.jit
-def _list_length(COUNT, diagonal, DENSE: tl.constexpr):
-    if DENSE:
+def _list_length(COUNT, diagonal, Lk, BLOCK: tl.constexpr, DENSE: tl.constexpr, CAUSAL: tl.constexpr):
+    if DENSE and CAUSAL:
         n = diagonal + 1
+    elif DENSE:
+        n = tl.cdiv(Lk, BLOCK)
     else:
         n = tl.load(COUNT)
     return n
@@ -285,6 +295,7 @@ def _fwd_kernel(
     SINK, WINDOW, GROUP, SHIFT, SHIFT_FROM, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     m = _query_block(NQ, DENSE)
     bh, b, h = batch_head(1, H)
@@ -292,11 +303,11 @@ def _fwd_kernel(
     t = tl.arange(0, BLOCK)
     q_idx = (START_BLOCK + m) * BLOCK + t
     q_row = q_idx - FIRST
-    q_ok = (q_row >= 0) & (q_idx < Lk)
+    q_ok = (q_row >= 0) & (q_row < Lq)
     q_base = Q + b * sqb + h * sqh
     q1, q2 = load_halves(q_base, q_row, q_ok, sqm, HALF)
     q_pos = _positions(QPOS + b * spq, q_row, q_ok, RULE)
-    n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, DENSE)
+    n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, Lk, BLOCK, DENSE, CAUSAL)
     if ROTARY:
         qs1, qs2 = _result_layout(q1, q2, qk_scale, HALF, DOT)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -325,8 +336,8 @@ def _fwd_kernel(
             qk = _frame_scores(q1, q2, k1, k2, fr, lo, hi, q_base, sqf, q_row, q_ok, sqm, k_base, skf, k_idx, k_in,
                                skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT) * qk_scale
         if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, BLOCK,
-                       TOKEN_MASK):
-            ok = _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
+                       TOKEN_MASK, CAUSAL):
+            ok = _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK, CAUSAL)
             qk = tl.where(ok, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -355,6 +366,7 @@ def _dq_kernel(
     SINK, WINDOW, GROUP, SHIFT, SHIFT_FROM, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     m = _query_block(NQ, DENSE)
     bh, b, h = batch_head(1, H)
@@ -362,7 +374,7 @@ def _dq_kernel(
     t = tl.arange(0, BLOCK)
     q_idx = (START_BLOCK + m) * BLOCK + t
     q_row = q_idx - FIRST
-    q_ok = (q_row >= 0) & (q_idx < Lk)
+    q_ok = (q_row >= 0) & (q_row < Lq)
     q_base = Q + b * sqb + h * sqh
     q1, q2 = load_halves(q_base, q_row, q_ok, sqm, HALF)
     do1, do2 = load_halves(DO + b * sob + h * soh, q_row, q_ok, som, HALF)
@@ -371,7 +383,7 @@ def _dq_kernel(
     tl.store(DELTA + bh * Lq + q_row, delta, mask=q_ok)
     lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
     q_pos = _positions(QPOS + b * spq, q_row, q_ok, RULE)
-    n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, DENSE)
+    n = _list_length(COUNT + b * scb + h * sch + m, START_BLOCK + m, Lk, BLOCK, DENSE, CAUSAL)
     dq1 = tl.zeros([BLOCK, HALF], tl.float32)
     dq2 = tl.zeros([BLOCK, HALF], tl.float32)
     # Frames 1 and 2's gradients (unused without them).
@@ -398,8 +410,8 @@ def _dq_kernel(
                                skn, HALF, BLOCK, FRAMES, FRAMES, KEY_FRAMES, DOT)
         qk = qk * qk_scale
         if _needs_mask(START_BLOCK + m, k_block, slot == n - 1, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, BLOCK,
-                       TOKEN_MASK):
-            ok = _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK)
+                       TOKEN_MASK, CAUSAL):
+            ok = _allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK, CAUSAL)
             qk = tl.where(ok, qk, float("-inf"))
         p = tl.math.exp2(qk - lse[:, None])
         v1, v2 = load_halves(v_base, k_idx, k_in, skn, HALF)
@@ -434,6 +446,7 @@ def _dkv_kernel(
     SINK, WINDOW, GROUP, SHIFT, SHIFT_FROM, SPAN,
     BLOCK: tl.constexpr, HALF: tl.constexpr, ROTARY: tl.constexpr, TOKEN_MASK: tl.constexpr,
     DOT: tl.constexpr, FRAMES: tl.constexpr, KEY_FRAMES: tl.constexpr, RULE: tl.constexpr, DENSE: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
     # Heads vary fastest, so the long lists of the first (sink) blocks start first, not last.
     bhk, b, hk = batch_head(0, HKV)
@@ -458,7 +471,7 @@ def _dkv_kernel(
         h = hk * GROUP_HEADS + g
         bh = b * H + h
         if DENSE:
-            lo_e = tl.maximum(j - START_BLOCK, 0)
+            lo_e = tl.maximum(j - START_BLOCK, 0) if CAUSAL else 0
             hi_e = NQ
         else:
             lo_e = tl.load(CSR_OFF + bh * NK + j)
@@ -469,7 +482,7 @@ def _dkv_kernel(
             m = _listed_block(CSR_M, e, DENSE)
             q_idx = (START_BLOCK + m) * BLOCK + t
             q_row = q_idx - FIRST
-            q_ok = (q_row >= 0) & (q_idx < Lk)
+            q_ok = (q_row >= 0) & (q_row < Lq)
             q1, q2 = load_halves(q_base, q_row, q_ok, sqm, HALF)
             do1, do2 = load_halves(do_base, q_row, q_ok, som, HALF)
             lse = tl.load(LSE + bh * Lq + q_row, mask=q_ok, other=float("inf"))
@@ -490,8 +503,9 @@ def _dkv_kernel(
                                     q_row, q_ok, sqm, HALF, BLOCK, FRAMES, KEY_FRAMES, FRAMES, DOT)
             pT = tl.math.exp2(qkT * qk_scale - lse[None, :])
             if _needs_mask(START_BLOCK + m, j, START_BLOCK + m == j, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT,
-                           BLOCK, TOKEN_MASK):
-                okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK))
+                           BLOCK, TOKEN_MASK, CAUSAL):
+                okT = tl.trans(_allowed(q_idx, k_idx, Lk, h, SHIFT_FROM, SINK, WINDOW, GROUP, SHIFT, TOKEN_MASK,
+                                        CAUSAL))
                 pT = tl.where(okT, pT, 0.0)
             dv1 = tl.dot(pT.to(DO.dtype.element_ty), do1, dv1, input_precision=DOT)
             dv2 = tl.dot(pT.to(DO.dtype.element_ty), do2, dv2, input_precision=DOT)
@@ -562,14 +576,15 @@ def _launch_args(q: Tensor, k: Tensor, out: Tensor, table: Tensor, count: Tensor
     ``table`` (the table's own strides)."""
     h, q_len = q.shape[2], q.shape[3]
     h_kv, k_len = k.shape[2], k.shape[3]
-    first = k_len - q_len
+    first = k_len - q_len if setup["causal"] else 0
     block = setup["block"]
+    n_q = (k_len - 1) // block + 1 - first // block if setup["causal"] else -(-q_len // block)
     return dict(
         strides=(*q.stride()[:4], *k.stride()[:4], *out.stride()[:3]),
         table=table.stride()[:3],
         per_row=(*count.stride()[:2], setup["q_pos"].stride(0), setup["k_pos"].stride(0),
                  setup["q_bounds"].stride(0), setup["k_bounds"].stride(0)),
-        sizes=(h, h // h_kv, q_len, k_len, first, first // block, (k_len - 1) // block + 1 - first // block),
+        sizes=(h, h // h_kv, q_len, k_len, first, first // block, n_q),
     )
 
 
@@ -647,7 +662,8 @@ def _meta(setup: dict, dim: int, rotary: bool, q: Tensor, k: Tensor) -> dict:
     # float32 inputs get IEEE products (no silent TF32 rounding); 16-bit inputs use the tensor cores.
     dot = "ieee" if q.dtype == torch.float32 else "tf32"
     return dict(BLOCK=setup["block"], HALF=dim // 2, ROTARY=rotary, TOKEN_MASK=token_mask, DOT=dot,
-                FRAMES=q.shape[0], KEY_FRAMES=k.shape[0], RULE=setup["frame_rule"], DENSE=setup["dense"])
+                FRAMES=q.shape[0], KEY_FRAMES=k.shape[0], RULE=setup["frame_rule"], DENSE=setup["dense"],
+                CAUSAL=setup["causal"])
 
 
 def turn_within_blocks(x: Tensor, first: int, block: int, cos: Tensor, sin: Tensor) -> Tensor:
@@ -665,7 +681,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, block_size: int) -> None:
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, turns, *, block_size: int, scale: float | None,
-         rule: tuple[int, int, int, int, int], frames: Frames) -> Tensor:
+         rule: tuple[int, int, int, int, int], frames: Frames, causal: bool = True) -> Tensor:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     dense = table is None
     if dense:
@@ -679,7 +695,7 @@ def _run(q: Tensor, k: Tensor, v: Tensor, table: Tensor | None, turns, *, block_
         first = k.shape[-2] - q.shape[-2]
         q_bounds, k_bounds = _block_bounds(q_pos, first % block_size, block_size), _block_bounds(k_pos, 0, block_size)
     setup = dict(block=block_size, scale=scale, rule=(*rule, frames.span), frame_rule=frames.rule, dense=dense,
-                 q_pos=q_pos, k_pos=k_pos, q_bounds=q_bounds, k_bounds=k_bounds)
+                 causal=causal, q_pos=q_pos, k_pos=k_pos, q_bounds=q_bounds, k_bounds=k_bounds)
     return _BlockSparseAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), table, count, turns, setup)
 
 
@@ -687,7 +703,7 @@ def block_sparse_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    table: Tensor,
+    table: Tensor | None,
     *,
     block_size: int,
     scale: float | None = None,
@@ -698,23 +714,31 @@ def block_sparse_attention(
     group: int = 0,
     shift: int = 0,
     shift_from: int | None = None,
+    causal: bool = True,
 ) -> Tensor:
     """Attention of each query block over its listed key blocks; differentiable in q, k and v.
 
     q (b, h, Lq, d), k/v (b, h_kv, Lk, d), table (b, h, nq, K) of key-block ids (-1 unused, any
-    order), for the query blocks of the key-index grid from (Lk - Lq) // block_size on. With
-    ``inv_freq`` the kernel rotates q and k at merged positions (see the module docstring).
-    ``window``/``group`` > 0 switch on the token rules; S2's groups are shifted by ``shift`` for the
-    heads from ``shift_from`` (default h // 2) on. Returns (b, h, Lq, d).
+    order), for the query blocks of the key-index grid from (Lk - Lq) // block_size on; None lists
+    every key block (dense). With ``inv_freq`` the kernel rotates q and k at merged positions (see the
+    module docstring). ``window``/``group`` > 0 switch on the token rules; S2's groups are shifted by
+    ``shift`` for the heads from ``shift_from`` (default h // 2) on. With ``causal=False`` (no rotary,
+    no token rules) queries and keys are separate sequences (cross attention when Lq != Lk): query
+    block i is rows i * block_size.. of q, and every listed key is seen. Returns (b, h, Lq, d).
     """
     _check(q, k, v, block_size)
+    if inv_freq is not None and table is None:
+        raise ValueError("block-sparse kernel: merged-position rotary (inv_freq) needs a table")
+    if not causal and (inv_freq is not None or sink or window or group):
+        raise ValueError("block-sparse kernel: causal=False takes no merged-position rotary (inv_freq) and no "
+                         "token rules (sink, window, group)")
     turns = None
     if inv_freq is not None:
         width = table.shape[-1]
         turns = rotary_turns(inv_freq, width, block_size, rotary_scaling, q.device)
     rule = (int(sink), int(window), int(group), int(shift), q.shape[1] // 2 if shift_from is None else int(shift_from))
     return _run(q[None], k[None], v, table, turns, block_size=block_size, scale=scale, rule=rule,
-                frames=Frames(NO_FRAMES, 0))
+                frames=Frames(NO_FRAMES, 0), causal=causal)
 
 
 def frame_attention(q: Tensor, k: Tensor, v: Tensor, frames: Frames, *, block_size: int, table: Tensor | None = None,
