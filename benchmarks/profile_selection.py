@@ -3,7 +3,9 @@
 Run on the device: ``python benchmarks/profile_selection.py OUT.json --length 65536``. Times
 ``select_blocks`` with the method's default options and the whole select_merge forward (CUDA events,
 mean of 10 calls after 3 warm-up calls), then profiles 3 selection calls with torch.profiler and
-records the CUDA time of each operator (summed over the 3 calls).
+records the CUDA time of each operator (summed over the 3 calls). ``--context N`` makes the queries the
+last ``--length`` of N keys, as one chunk of a long chunked prefill (e.g. SmolLM2's shapes at 4M:
+``--length 65536 --context 4194304 --heads 9 --kv-heads 3 --dim 64``).
 """
 
 from __future__ import annotations
@@ -39,16 +41,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--length", type=int, default=65536)
+    parser.add_argument("--context", type=int, default=None, help="keys (default: --length)")
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--dim", type=int, default=128)
     args = parser.parse_args()
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, args.heads, args.length, args.dim, device="cuda", dtype=torch.bfloat16)
-               for _ in range(3))
+    context, kv_heads = args.context or args.length, args.kv_heads or args.heads
+    if context < args.length or args.heads % kv_heads:
+        raise SystemExit(f"--context ({context}) must be >= --length ({args.length}) and --kv-heads divide --heads")
+    q = torch.randn(1, args.heads, args.length, args.dim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, kv_heads, context, args.dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     rope = default(args.dim, 10000.0)
     defaults = inspect.signature(select_merge).parameters
     options = {name: defaults[name].default for name in SELECTION}
-    positions = Positions.contiguous(1, args.length, args.length, "cuda")
+    positions = Positions.contiguous(1, args.length, context, "cuda")
     with torch.no_grad():
         selection_ms = mean_ms(lambda: select_blocks(q, k, rope=rope, **options))
         forward_ms = mean_ms(lambda: select_merge(q, k, v, positions=positions, rope=rope))
@@ -57,7 +64,8 @@ def main() -> None:
                 select_blocks(q, k, rope=rope, **options)
             torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-    record = {"length": args.length, "heads": args.heads, "dim": args.dim, "options": options,
+    record = {"length": args.length, "context": context, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
+              "options": options,
               "device": torch.cuda.get_device_name(), "select_blocks_ms": selection_ms, "forward_ms": forward_ms,
               "profile_calls": 3, "cuda_us": {e.key: e.device_time_total for e in events[:25] if e.device_time_total}}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
