@@ -240,14 +240,13 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     summary = key_summary(k, block_size, score, representatives, v)
     fused_top = _fused_top(q, n_k, take, per_head or vote == "mean")
     for lo in range(0, n_q if take else 0, rows):
-        qb = q_block[lo : lo + rows]
-        candidate = (key_block >= sink) & (key_block < qb - local)
         scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
                                first // block_size + lo)
         if fused_top:  # the kernel masks the non-candidates itself
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
             picked[:, :, lo : lo + rows, :take] = _top_blocks(scores, take, first // block_size + lo, sink, local)
             continue
+        candidate = (key_block >= sink) & (key_block < q_block[lo : lo + rows] - local)
         scores = scores.masked_fill(~candidate, float("-inf"))
         if per_head:
             scores = scores.flatten(1, 2)
