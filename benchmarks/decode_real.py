@@ -6,9 +6,10 @@ through ``--prefill`` attention (dense, or select_merge where a dense prefill is
 into a static cache (``full``, or ``token_select`` with ``--top-k``, ``--n-init``, ``--n-local``), and
 ``longreach.decode.GraphDecoder`` decodes ``--steps`` greedy tokens from a CUDA graph (eagerly on the
 CPU). Per policy and context: the median milliseconds per token, the share of steps whose selection was
-reused (threshold ``--threshold``; summed over layers), the cache's GiB, and whether the greedy answer
-is the needle's key (``benchmarks/decode.py`` measures the same caches on random weights, where
-consecutive queries are unrelated and no selection is reused). Writes ``OUT/decode_real.json``.
+reused (one token_select run per ``--thresholds`` value, 1.0 reusing only for an identical query; summed
+over layers), the cache's GiB, and whether the greedy answer is the needle's key (``benchmarks/decode.py``
+measures the same caches on random weights, where consecutive queries are unrelated and no selection is
+reused). Writes ``OUT/decode_real.json``.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ def run(model, tokenizer, context: int, args) -> list[dict]:
     cuda = next(model.parameters()).device.type == "cuda"
     prompt = needle_prompt(tokenizer, context, args.seed)
     ids = torch.tensor([prompt.ids], device=next(model.parameters()).device)
-    selection = {"top_k": args.top_k, "n_init": args.n_init, "n_local": args.n_local, "threshold": args.threshold}
+    selection = {"top_k": args.top_k, "n_init": args.n_init, "n_local": args.n_local}
     records = []
-    for policy, options in (("full", {}), ("token_select", selection)):
+    runs = [("full", {})] + [("token_select", {**selection, "threshold": t}) for t in args.thresholds]
+    for policy, options in runs:
         longreach.extend(model, attention=args.prefill, **parse_options(tuple(args.option)))
         cache = make_static_cache(policy, model.config.num_hidden_layers, len(prompt.ids) + args.steps, **options)
         cache.wired = True
@@ -96,7 +98,8 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2048)
     parser.add_argument("--n-init", type=int, default=128)
     parser.add_argument("--n-local", type=int, default=512)
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--thresholds", type=lambda s: [float(t) for t in s.split(",")], default=[0.9, 1.0],
+                        help="token_select's reuse thresholds, one run each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     args = parser.parse_args()

@@ -43,7 +43,6 @@ from longreach.train.loop import CLEX_STATE
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TRAINING_ONLY = ("s2", "sf")
-LINEAR_COST = ("select_merge", "sinks")
 CONFIG_KEYS = ("max_factor", "factor", "lora_rank", "learning_rate", "clex_learning_rate")
 
 
@@ -99,7 +98,7 @@ def inference_setup(args, spec: str, trained: int) -> tuple[str, Callable[[int],
 def reaches(setup: str, length: int, args) -> bool:
     """Whether ``setup`` is evaluated at ``length``: past ``--quadratic-limit`` only where attention's cost
     grows linearly (a dense 1M-token prompt on one GPU costs minutes a trial)."""
-    return length <= args.quadratic_limit or setups.parse(setup).get("attention") in LINEAR_COST
+    return length <= args.quadratic_limit or setups.linear_cost(setup)
 
 
 def evaluate(model, tokenizer, label: str, setup: str, factor_at: Callable[[int], float | None], options: dict,

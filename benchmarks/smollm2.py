@@ -8,7 +8,8 @@ Each length gets its own rescaling factor (max(1, ceil(length / trained length))
 that length would pick. A setup is ``name`` or ``name:key=value/key=value`` (method or scheme options,
 e.g. ``select_merge:top_k=16`` or ``self_extend:group_size=auto``). ``--trials`` counts prompts per
 (length, depth) (``--long-trials`` past ``--long-from`` tokens); a setup that scores 0 at two lengths in a
-row is not run at longer ones, and a rescaling scheme is skipped where its factor is 1 (the baseline). Records (the
+row is not run at longer ones, a rescaling scheme is skipped where its factor is 1 (the baseline), and past
+``--quadratic-limit`` tokens only setups whose attention cost grows linearly (select_merge, sinks) run. Records (the
 evaluations' own, with ``model``, ``setup``, ``factor`` and ``options``) are written to ``OUT/<eval>.json``
 after every cell, so a run cut short keeps what it measured; ``OUT/<eval>.png`` is drawn at the end.
 ``--budget`` seconds stops before a cell would start past it.
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--chat", action="store_true")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--quadratic-limit", type=lambda s: parse_lengths(s)[0], default=131072,
+                        help="the longest length for setups whose attention cost grows quadratically")
     parser.add_argument("--budget", type=float, default=math.inf, help="seconds; no cell starts after them")
     args = parser.parse_args()
 
@@ -85,9 +88,11 @@ def main() -> None:
     for length in parse_lengths(args.lengths):
         factor = float(max(1, math.ceil(length / trained)))
         for spec in args.setups.split(","):
+            name, options = parse_setup(spec)
             if zeros.get(spec, 0) >= 2 or time.time() - started > args.budget:
                 continue
-            name, options = parse_setup(spec)
+            if length > args.quadratic_limit and not setups.linear_cost(name):
+                continue
             if "position" in setups.parse(name) and factor == 1.0 and name != "truncated":
                 continue  # a scheme at factor 1 is the model's own RoPE: the baseline's row
             config = setups.apply(model, name, factor=factor, lengths=[length], options=options)

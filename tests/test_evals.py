@@ -290,3 +290,10 @@ def test_prompt_memory_is_estimated_before_allocating():
     assert "prefill chunk" in shortfall(smollm2, 2**20, 1, None, 2, free=20 * GIB)
     with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
         passkey(tiny_model(), SimpleNamespace(), [64], [0.5], trials=1, prefill_chunk=0)
+
+
+def test_linear_cost_names_the_setups_with_bounded_keys_per_query():
+    assert setups.linear_cost("select_merge") and setups.linear_cost("sinks+yarn")
+    assert not any(setups.linear_cost(s) for s in ("baseline", "dca", "self_extend", "yarn", "dca+ntk"))
+    with pytest.raises(ValueError, match="not an attention method"):
+        setups.linear_cost("select_merg")

@@ -10,6 +10,7 @@ from .. import attention_methods, extend, position_schemes, restore
 
 BASELINE = "baseline"
 DEFAULT_COMPARISON = ("baseline", "linear", "ntk", "yarn", "dca", "self_extend")
+LINEAR_COST = ("select_merge", "sinks")
 
 
 def parse(spec: str) -> dict:
@@ -26,6 +27,12 @@ def parse(spec: str) -> dict:
             raise ValueError(f"setup {spec!r}: {part!r} is not an attention method ({', '.join(attention_methods())}) "
                              f"or position scheme ({', '.join(position_schemes())}), or is given twice")
     return config
+
+
+def linear_cost(spec: str) -> bool:
+    """Whether the setup's attention costs time linear in the length (a bounded number of keys per query),
+    so that a 1M-token prompt takes seconds rather than minutes."""
+    return parse(spec).get("attention") in LINEAR_COST
 
 
 def factor_for(model, lengths: Sequence[int]) -> float:
