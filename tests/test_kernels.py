@@ -427,3 +427,38 @@ def test_non_causal_and_cross_attention_match_the_reference(q_len, k_len, tabled
     close(out, reference, dtype)
     for got, want in zip(grads(out, (q, k, v), 1), grads(reference, exact, 1), strict=True):
         close(got, want, dtype)
+
+
+def test_transpose_lists_each_key_blocks_queries_in_order():
+    from longreach.kernels.block_sparse import compact, transpose
+
+    torch.manual_seed(0)
+    n_k = 7
+    table = torch.randint(-1, n_k, (2, 3, 5, 4))
+    table = torch.where(torch.rand(table.shape) < 0.3, -1, table)
+    table, count = compact(table)
+    offsets, query_block, slot = transpose(table, count, n_k)
+    assert offsets[0] == 0 and offsets[-1] == int(count.sum())
+    for b in range(2):
+        for h in range(3):
+            for j in range(n_k):
+                cell = (b * 3 + h) * n_k + j
+                listed = list(zip(query_block[offsets[cell]:offsets[cell + 1]].tolist(),
+                                  slot[offsets[cell]:offsets[cell + 1]].tolist(), strict=True))
+                expected = [(m, s) for m in range(5) for s in range(int(count[b, h, m]))
+                            if int(table[b, h, m, s]) == j]
+                assert listed == expected
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA matter")
+def test_sparse_backward_never_waits_on_the_host():
+    q, k, v = (torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    table = select_blocks(q.detach(), k.detach(), block_size=64, top_k=2, local=1, sink=1)
+    out = block_sparse_attention(q, k, v, table, block_size=64)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert q.grad is not None and k.grad is not None

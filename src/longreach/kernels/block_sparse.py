@@ -547,15 +547,21 @@ def compact(table: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def transpose(table: Tensor, count: Tensor, n_key_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
-    """CSR of the table by key block: offsets (b*h*nk + 1,), query blocks and slots, grouped per (b, h, j)."""
+    """CSR of the table by key block: offsets (b*h*nk + 1,), query blocks and slots, grouped per (b, h, j)
+    in query-block order (unused slots sort past the last offset).
+
+    Every shape is fixed by the table's, so the backward never waits on the host (nonzero and bincount
+    would: their output sizes depend on the values)."""
     b, h, nq, width = table.shape
-    used = torch.arange(width, device=table.device) < count[..., None].long()
-    bi, hi, mi, si = used.nonzero(as_tuple=True)
-    key = (bi * h + hi) * n_key_blocks + table[bi, hi, mi, si].long()
+    device, cells = table.device, b * h * n_key_blocks
+    used = torch.arange(width, device=device) < count[..., None].long()
+    pair = torch.arange(b * h, device=device).view(b, h, 1, 1) * n_key_blocks
+    key = torch.where(used, pair + table.long(), cells).flatten()
     order = torch.argsort(key, stable=True)
-    offsets = torch.zeros(b * h * n_key_blocks + 1, dtype=torch.int32, device=table.device)
-    offsets[1:] = torch.bincount(key, minlength=b * h * n_key_blocks).cumsum(0)
-    return offsets, mi[order].int().contiguous(), si[order].int().contiguous()
+    offsets = torch.searchsorted(key[order], torch.arange(cells + 1, device=device)).int()
+    query_block = torch.arange(nq, device=device, dtype=torch.int32).view(nq, 1).expand(b, h, nq, width).flatten()
+    slot = torch.arange(width, device=device, dtype=torch.int32).expand(b, h, nq, width).flatten()
+    return offsets, query_block[order].contiguous(), slot[order].contiguous()
 
 
 def rotary_turns(inv_freq: Tensor, width: int, block: int, scaling: float,
