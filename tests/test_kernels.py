@@ -451,6 +451,29 @@ def test_transpose_lists_each_key_blocks_queries_in_order():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA matter")
+def test_a_select_merge_training_step_never_waits_on_the_host():
+    from longreach import extend
+    from longreach.models import tiny_model
+
+    model = tiny_model("llama", hidden_size=256, vocab_size=512).cuda().train()
+    extend(model, attention="select_merge", block_size=32, top_k=2)
+    rows = torch.randint(0, 512, (2, 513), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            logits = model(input_ids=rows[:, :-1]).logits.float()
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()).backward()
+
+    step()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA matter")
 def test_sparse_backward_never_waits_on_the_host():
     q, k, v = (torch.randn(1, 4, 512, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     table = select_blocks(q.detach(), k.detach(), block_size=64, top_k=2, local=1, sink=1)

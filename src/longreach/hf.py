@@ -429,6 +429,10 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
             attn_opts[key] = int(rope_opts.get("original_max_position", model.config.max_position_embeddings))
     check_options(method, attn_opts)
     rope = _build_rope(model, backbone, position, dict(rope_opts))
+    device = next(model.parameters()).device
+    if isinstance(rope, pos.Rope) and device.type != "meta":
+        # Where the model is: copying pageable host memory to the GPU in every layer's call waits for the GPU.
+        rope = pos.Rope(rope.inv_freq.to(device), rope.scaling)
     restore(model)
     if isinstance(rope, Clex):  # a submodule, so its parameters train, save and move with the model
         backbone.clex = rope
