@@ -310,3 +310,47 @@ def test_block_means_of_the_last_rows(block, first, length, last_rows):
         rows = [t for t in range(length) if (first + t) // block == c]
         expected.append(x[:, :, rows[-last_rows:] if last_rows else rows].mean(2))
     torch.testing.assert_close(block_means(x, block, first, last_rows), torch.stack(expected, 2))
+
+
+def _noncausal_kept(q, k, block, top_k, local, sink, score, query_rows, per_head):
+    """Brute force: per (batch, head, query block), the key blocks non-causal select-and-merge keeps."""
+    b, h, lq, d = q.shape
+    group, n_blocks = h // k.shape[1], -(-k.shape[2] // block)
+    kept = {}
+    for bi in range(b):
+        for hh in range(h):
+            voters = [hh] if per_head else list(range(hh // group * group, (hh // group + 1) * group))
+            for ib in range(-(-lq // block)):
+                rows = list(range(ib * block, min((ib + 1) * block, lq)))[-query_rows:]
+                forced = {jb for jb in range(n_blocks) if jb < sink or abs(jb - ib) <= local}
+                others = [jb for jb in range(n_blocks) if jb not in forced]
+                score_of = {jb: sum(ref.block_score(q[bi, m, rows].mean(0), k[bi, hh // group, jb * block:
+                                                    (jb + 1) * block], score, block) for m in voters)
+                            for jb in others}
+                kept[bi, hh, ib] = forced | set(sorted(others, key=lambda jb: (-score_of[jb], jb))[:top_k])
+    return kept
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "per_head", "score"),
+                         [(96, 96, True, "max"), (80, 150, False, "mean"), (150, 70, True, "max")])
+def test_noncausal_selection_keeps_the_brute_force_blocks(q_len, k_len, per_head, score):
+    from longreach.attention.select_merge import select_blocks
+
+    q, k, _ = tensors((2, 4, 2, q_len, k_len, 16))
+    opts = dict(block_size=16, top_k=2, local=1, sink=1, score=score, query_rows=8, per_head=per_head)
+    table = select_blocks(q, k, causal=False, **opts)
+    expected = _noncausal_kept(q, k, 16, 2, 1, 1, score, 8, per_head)
+    got = {(bi, hh, ib): {j for j in table[bi, hh, ib].tolist() if j >= 0} for (bi, hh, ib) in expected}
+    assert got == expected
+
+
+@pytest.mark.parametrize(("q_len", "k_len"), [(64, 64), (50, 130), (130, 50)])
+def test_noncausal_select_merge_over_every_block_is_dense_attention(q_len, k_len):
+    from longreach.attention.select_merge import noncausal_select_merge
+
+    q, k, v = tensors((1, 4, 2, q_len, k_len, 16))
+    out = noncausal_select_merge(q, k, v, block_size=16, top_k=16, local=0, sink=0)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(out, dense, **TOL)
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        noncausal_select_merge(q[:, :3], k, v)

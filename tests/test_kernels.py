@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from longreach.attention.core import Positions, blocked_attention, plain_logits
-from longreach.attention.select_merge import select_blocks, select_merge
+from longreach.attention.core import Positions, blocked_attention, listed_attention, plain_logits
+from longreach.attention.select_merge import noncausal_select_merge, select_blocks, select_merge
 from longreach.attention.shifted import s2, sf
 from longreach.positions import default, yarn
 
@@ -427,6 +427,20 @@ def test_non_causal_and_cross_attention_match_the_reference(q_len, k_len, tabled
     close(out, reference, dtype)
     for got, want in zip(grads(out, (q, k, v), 1), grads(reference, exact, 1), strict=True):
         close(got, want, dtype)
+    if tabled:  # the kernel's PyTorch reference in the library
+        close(listed_attention(q, k, v, table, block_size=block, scale=q.shape[-1] ** -0.5), reference, dtype)
+
+
+@pytest.mark.parametrize(("q_len", "k_len"), [(96, 96), (96, 160), (150, 53)])
+def test_noncausal_select_merge_runs_the_kernel_as_its_reference(q_len, k_len, monkeypatch):
+    from longreach import kernels
+
+    q, k, v = inputs(1, 4, 2, q_len, k_len, 32, torch.float32)
+    opts = dict(block_size=16, top_k=3, local=1, sink=1)
+    monkeypatch.setattr(kernels, "enabled", lambda x: False)
+    reference = noncausal_select_merge(q, k, v, **opts)
+    monkeypatch.setattr(kernels, "enabled", lambda x: True)
+    close(noncausal_select_merge(q, k, v, **opts), reference, torch.float32)
 
 
 def test_transpose_lists_each_key_blocks_queries_in_order():

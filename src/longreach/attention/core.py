@@ -48,8 +48,9 @@ class Positions:
         return Positions(key[:, k_len - q_len :], key)
 
 
-def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> int:
-    """Validate shapes and return the GQA group size (query heads per kv head)."""
+def check_shapes(q: Tensor, k: Tensor, v: Tensor, causal: bool = True) -> int:
+    """Validate shapes and return the GQA group size (query heads per kv head); causal attention's
+    queries are the last of the keys, so there are no more of them than keys."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(
             f"expected q (b, h, Lq, d) and k, v (b, h_kv, Lk, d) of equal shape, got {tuple(q.shape)}, "
@@ -59,7 +60,7 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor) -> int:
         raise ValueError(f"batch and head_dim of q {tuple(q.shape)} and k {tuple(k.shape)} must match")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    if q.shape[2] > k.shape[2]:
+    if causal and q.shape[2] > k.shape[2]:
         raise ValueError(f"more queries ({q.shape[2]}) than keys ({k.shape[2]})")
     return q.shape[1] // k.shape[1]
 
@@ -236,6 +237,33 @@ def blocked_attention(
         out[:, :, lo:hi] = (probs.to(vt.dtype) @ vt).to(out.dtype)
     out = out.view(batch, heads, n_q_blocks * B, dim)
     return out[:, :, first - start_block * B : first - start_block * B + q_len]
+
+
+def listed_attention(q: Tensor, k: Tensor, v: Tensor, key_blocks: Tensor, *, block_size: int, scale: float
+                     ) -> Tensor:
+    """Non-causal attention of each query block over its listed key blocks, one softmax per query row.
+
+    q (b, h, Lq, d) and k/v (b, h_kv, Lk, d) are separate sequences (self or cross attention, already
+    rotated); query block i is rows i*B..; ``key_blocks`` (b, h, ceil(Lq/B), K) lists key-block ids, -1
+    unused. The reference of the block-sparse kernel's ``causal=False`` path, chunked over query blocks
+    so memory stays O(L K B). Returns (b, h, Lq, d); a row with nothing listed gives zeros.
+    """
+    batch, heads, q_len, dim = q.shape
+    k_len, group = k.shape[2], check_shapes(q, k, v, causal=False)
+    k, v = _pad_to_blocks(repeat_kv(k, group), block_size, 2), _pad_to_blocks(repeat_kv(v, group), block_size, 2)
+    q_grid = _pad_to_blocks(q, block_size, 2).view(batch, heads, -1, block_size, dim)
+    n_q, width = q_grid.shape[2], key_blocks.shape[-1]
+    key_index = (key_blocks.clamp_min(0)[..., None] * block_size + torch.arange(block_size, device=q.device))
+    listed = ((key_blocks[..., None] >= 0) & (key_index < k_len)).flatten(-2)
+    chunk = max(1, tile_budget(q.device) // max(1, batch * heads * block_size * width * block_size))
+    out = q.new_empty(batch, heads, n_q, block_size, dim)
+    for lo in range(0, n_q, chunk):
+        rows = slice(lo, lo + chunk)
+        kt, vt = (_gather_columns(x, key_blocks[:, :, rows], block_size) for x in (k, v))
+        logits = (q_grid[:, :, rows].float() @ kt.float().transpose(-1, -2)) * scale
+        weights = masked_softmax(logits, listed[:, :, rows, None, :])
+        out[:, :, rows] = (weights @ vt.float()).to(q.dtype)
+    return out.flatten(2, 3)[:, :, :q_len]
 
 
 def dot(tile_q: Tensor, tile_k: Tensor, scale: float) -> Tensor:

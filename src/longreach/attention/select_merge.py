@@ -44,6 +44,7 @@ from .core import (
     blocked_attention,
     check_shapes,
     dot,
+    listed_attention,
     plain_logits,
     require_rope,
     rotated_keys,
@@ -197,7 +198,7 @@ def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_bloc
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
                   query_rows: int | None = None, per_head: bool = False, representatives: int = 4,
                   vote: str = "mean", rope: Rope | None = None, score_distance: int | None = None,
-                  v: Tensor | None = None) -> Tensor:
+                  v: Tensor | None = None, causal: bool = True) -> Tensor:
     """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending.
 
     q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. Each query
@@ -210,13 +211,16 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     (``score="max"`` only), each key's logit gains log |v| (:func:`value_logits`). Scores are formed for a
     bounded number of query blocks at a time,
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
+    With ``causal=False`` q and k are separate sequences (non-causal self or cross attention): query block
+    i is rows i*B.. of q, every key block is a candidate, and the forced blocks are the first ``sink`` and
+    those within ``local`` of index i on either side; K = sink + top_k + 2 local + 1.
     """
-    group = check_shapes(q, k, k if v is None else v)
+    group = check_shapes(q, k, k if v is None else v, causal)
     if v is not None and score != "max":
         raise ValueError(f"select_merge: value_norm weighs each key by its value, so it needs score='max', "
                          f"got {score!r}")
     b, h, q_len, d = q.shape
-    h_kv, first = k.shape[1], k.shape[2] - q_len
+    h_kv, first = k.shape[1], k.shape[2] - q_len if causal else 0
     q_bar = block_means(q, block_size, first, query_rows).view(b, h_kv, group, -1, d)
     if score_distance is not None:
         q_bar = require_rope(rope, "select_merge score_distance").rotate(q_bar, q_bar.new_full((1,), score_distance))
@@ -227,9 +231,9 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     device = q.device
     q_block = torch.arange(first // block_size, first // block_size + n_q, device=device)[:, None]
     sinks = torch.arange(sink, device=device).expand(n_q, sink)
-    sinks = torch.where(sinks <= q_block, sinks, n_k)
-    near = q_block - torch.arange(local, -1, -1, device=device)
-    near = torch.where((near >= sink) & (near >= 0), near, n_k)
+    sinks = torch.where(((sinks <= q_block) | (not causal)) & (sinks < n_k), sinks, n_k)
+    near = q_block + torch.arange(-local, (0 if causal else local) + 1, device=device)
+    near = torch.where((near >= sink) & (near >= 0) & (near < n_k), near, n_k)
     picked = torch.full((b, heads, n_q, top_k), n_k, dtype=torch.long, device=device)
     take = min(top_k, n_k)
     part = summary_rows(score, block_size, representatives)
@@ -238,15 +242,19 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives, v)
-    fused_top = _fused_top(q, n_k, take, per_head or vote == "mean")
+    fused_top = causal and _fused_top(q, n_k, take, per_head or vote == "mean")
     for lo in range(0, n_q if take else 0, rows):
+        # Non-causal: every block lies at or before the last one, so the causal kernel scores them all.
         scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
-                               first // block_size + lo)
+                               first // block_size + lo if causal else n_k)
         if fused_top:  # the kernel masks the non-candidates itself
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
             picked[:, :, lo : lo + rows, :take] = _top_blocks(scores, take, first // block_size + lo, sink, local)
             continue
-        candidate = (key_block >= sink) & (key_block < q_block[lo : lo + rows] - local)
+        if causal:
+            candidate = (key_block >= sink) & (key_block < q_block[lo : lo + rows] - local)
+        else:
+            candidate = (key_block >= sink) & ((key_block - q_block[lo : lo + rows]).abs() > local)
         scores = scores.masked_fill(~candidate, float("-inf"))
         if per_head:
             scores = scores.flatten(1, 2)
@@ -326,3 +334,29 @@ def select_merge(
     else:
         keys, logits = rotated_keys(rope, k, positions), plain_logits(rope, scale)
     return blocked_attention(q, keys, v, positions, block_size=block_size, key_blocks=blocks, logits=logits)
+
+
+def noncausal_select_merge(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, block_size: int = 64,
+                           top_k: int = 8, local: int = 2, sink: int = 1, score: str = "max",
+                           query_rows: int | None = 8, per_head: bool = True, representatives: int = 4,
+                           vote: str = "mean") -> Tensor:
+    """Select-and-merge without causality, for non-causal self attention and cross attention (CAB's
+    other patterns). q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
+
+    q and k are separate sequences, already rotated at their own positions (merged positions are a
+    causal notion, so none are applied). Query block i keeps the first ``sink`` key blocks, those within
+    ``local`` of index i, and its ``top_k`` best others by :func:`select_blocks`'s score (un-turned), and
+    attends them with one softmax: the block-sparse kernel's ``causal=False`` path, or
+    :func:`~longreach.attention.core.listed_attention` where no kernel runs. Not an LM attention method:
+    a causal model must not see later tokens.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
+                           query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
+                           causal=False)
+    if kernels.enabled(q) and kernels.supports(q, block_size):
+        from ..kernels.block_sparse import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, blocks, block_size=block_size, scale=scale, causal=False)
+    return listed_attention(q, k, v, blocks, block_size=block_size, scale=scale)
+
