@@ -432,7 +432,7 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
     device = next(model.parameters()).device
     if isinstance(rope, pos.Rope) and device.type != "meta":
         # Where the model is: copying pageable host memory to the GPU in every layer's call waits for the GPU.
-        rope = pos.Rope(rope.inv_freq.to(device), rope.scaling)
+        rope = rope.to(device)
     restore(model)
     if isinstance(rope, Clex):  # a submodule, so its parameters train, save and move with the model
         backbone.clex = rope
@@ -477,7 +477,7 @@ def place_rope(model: PreTrainedModel, device: torch.device | str) -> pos.Rope:
     if not isinstance(setup.rope, pos.Rope):
         raise ValueError(f"position {setup.position!r} depends on the length (a host sync per step): "
                          "not available for static decoding")
-    setup.rope = pos.Rope(setup.rope.inv_freq.to(device), setup.rope.scaling)
+    setup.rope = setup.rope.to(device)
     return setup.rope
 
 

@@ -31,6 +31,10 @@ class Rope:
     def at(self, seq_len: int) -> Rope:
         return self
 
+    def to(self, device: torch.device | str) -> Rope:
+        """The same frequencies on ``device``."""
+        return Rope(self.inv_freq.to(device), self.scaling)
+
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``x`` (..., n, d) by ``positions`` (..., n) (broadcastable), half-split layout.
 

@@ -359,4 +359,3 @@ def noncausal_select_merge(q: Tensor, k: Tensor, v: Tensor, *, scale: float | No
 
         return block_sparse_attention(q, k, v, blocks, block_size=block_size, scale=scale, causal=False)
     return listed_attention(q, k, v, blocks, block_size=block_size, scale=scale)
-
