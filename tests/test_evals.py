@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from longreach.cli import main, parse_lengths, parse_options
-from longreach.evals import prompts, setups
+from longreach.evals import prompts, report, setups
 from longreach.evals.efficiency import efficiency
 from longreach.evals.needle import needle
 from longreach.evals.passkey import passkey
@@ -180,6 +180,13 @@ def test_efficiency_measures_time_and_memory():
     assert all(r["seconds"] > 0 and r["peak_mib"] is not None for r in records)
     with pytest.raises(ValueError, match="lengths must be positive"):
         efficiency(tiny_model("llama"), [0])
+
+
+def test_efficiency_plot_leaves_out_memory_that_reads_zero_or_below(tmp_path):
+    records = [{"setup": "baseline", "mode": "forward", "length": n, "seconds": 0.1 * n, "tokens_per_second": 10.0,
+                "peak_mib": peak} for n, peak in ((64, 0.0), (128, 0.0))]
+    report.plot("efficiency", records, tmp_path / "efficiency.png")
+    assert (tmp_path / "efficiency.png").stat().st_size > 0
 
 
 def test_setups_parse_and_factor():

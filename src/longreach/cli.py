@@ -17,7 +17,9 @@ from .evals import report, setups
 from .evals.efficiency import efficiency
 from .evals.needle import needle
 from .evals.passkey import passkey
+from .evals.patterns import PATTERNS, baselines, for_method, parse_patterns, pattern_efficiency
 from .evals.perplexity import perplexity
+from .hf import attention_of, attention_shape
 
 DEFAULT_LENGTHS = "512,1k,2k,4k"
 
@@ -209,13 +211,37 @@ def perplexity_command(model, tokenizer, *, lengths, window, samples, texts, pro
                       progress=progress)
 
 
+def _efficiency_total(lengths, forward_only, patterns, **_) -> int:
+    return len(lengths) * (len(parse_patterns(patterns)) if patterns else 1 if forward_only else 2)
+
+
 @main.command(name="efficiency")
 @click.option("--forward-only", is_flag=True, help="skip the forward + backward measurement")
-@click.option("--repeats", default=3, show_default=True, type=int)
-@evaluation("efficiency", lambda lengths, forward_only, **_: len(lengths) * (1 if forward_only else 2))
-def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, progress):
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--patterns", default=None, help="time one attention call instead of the model, in CAB's patterns: "
+              f"'all' or some of {','.join(PATTERNS)} (baseline: SDPA and FlexAttention)")
+@click.option("--key-ratio", default=2, show_default=True, type=click.IntRange(min=1),
+              help="keys per query in the cross-attention patterns")
+@evaluation("efficiency", _efficiency_total)
+def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, patterns, key_ratio, progress):
     """Time and peak memory of a forward (and forward + backward) pass on this device."""
-    return efficiency(model, lengths, backward=not forward_only, repeats=repeats, progress=progress)
+    if patterns is None:
+        return efficiency(model, lengths, backward=not forward_only, repeats=repeats, progress=progress)
+    configured = attention_of(model)
+    if configured is None:
+        implementations = baselines
+    else:
+        name, options, rope = configured
+
+        def implementations(pattern):
+            attend = for_method(pattern, name, options, rope)
+            return {} if attend is None else {name: attend}
+
+    heads, kv_heads, dim = attention_shape(model)
+    parameter = next(model.parameters())
+    return pattern_efficiency(implementations, lengths, patterns=parse_patterns(patterns), heads=heads,
+                              kv_heads=kv_heads, head_dim=dim, key_ratio=key_ratio, backward=not forward_only,
+                              repeats=repeats, device=parameter.device, dtype=parameter.dtype, progress=progress)
 
 
 @main.command(name="finetune")

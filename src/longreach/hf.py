@@ -481,6 +481,19 @@ def place_rope(model: PreTrainedModel, device: torch.device | str) -> pos.Rope:
     return setup.rope
 
 
+def attention_of(model: PreTrainedModel) -> tuple[str, dict[str, Any], Any] | None:
+    """The attention method, its options and the rotary frequencies extend configured on ``model``, or None."""
+    setup: Setup | None = getattr(model, "_longreach", None)
+    return None if setup is None else (setup.method, dict(setup.options), setup.rope)
+
+
+def attention_shape(model: PreTrainedModel) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim) of the model's attention layers."""
+    config = model.config
+    return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads, \
+        head_dim(config)
+
+
 def describe(model: PreTrainedModel) -> dict[str, Any] | None:
     """What extend configured on ``model`` (method, options, position scheme, cache policy), or None."""
     setup: Setup | None = getattr(model, "_longreach", None)

@@ -15,7 +15,7 @@ from typing import Any
 from .chunked import dca
 from .core import Positions
 from .dense import dense
-from .select_merge import SCORES, VOTES, select_merge
+from .select_merge import SCORES, VOTES, noncausal_select_merge, select_merge
 from .self_extend import AUTO, self_extend
 from .shifted import s2, sf
 from .sinks import sinks
@@ -67,6 +67,9 @@ class Method:
     # True where a head's pattern depends on its index among all heads (s2/sf shift half of them): a
     # sequence-parallel rank running a slice of the heads passes global_heads=(offset, total).
     head_patterned: bool = False
+    # The method's form for non-causal self and cross attention, ``fn(q, k, v, *, scale=None, **options)`` over
+    # q and k already rotated at their own positions; None where the method is defined only causally.
+    noncausal: Callable[..., Any] | None = None
 
     def defaults(self) -> dict[str, Any]:
         params = inspect.signature(self.fn).parameters
@@ -86,6 +89,7 @@ METHODS: dict[str, Method] = {
              "vote": Option(str, choices=VOTES), "score_distance": _int(0, optional=True),
              "value_norm": Option(bool), "train_length": _int(2, optional=True)},
             "correlation-aware select-and-merge block-sparse attention",
+            noncausal=noncausal_select_merge,
         ),
         Method("s2", s2, {**BLOCK, "group_size": _int(2, optional=True), "shift": Option(bool)},
                "LongLoRA shifted sparse attention", head_patterned=True),

@@ -29,8 +29,9 @@ def _format(value: float | None, fmt: str) -> str:
 def table(kind: str, records: list[dict]) -> str:
     """A setups x lengths table: mean accuracy (passkey, needle), perplexity, or seconds and peak MiB."""
     if kind == "efficiency":
-        rows = [f"{'setup':<18} {'length':>8} {'mode':<17} {'seconds':>9} {'tokens/s':>10} {'peak MiB':>9}"]
-        rows += [f"{r['setup']:<18} {r['length']:>8} {r['mode']:<17} {_format(r['seconds'], '9.4f'):>9} "
+        width = max(18, *(len(_series(r)) for r in records))
+        rows = [f"{'setup':<{width}} {'length':>8} {'mode':<17} {'seconds':>9} {'tokens/s':>10} {'peak MiB':>9}"]
+        rows += [f"{_series(r):<{width}} {r['length']:>8} {r['mode']:<17} {_format(r['seconds'], '9.4f'):>9} "
                  f"{_format(r['tokens_per_second'], '10.0f'):>10} {_format(r['peak_mib'], '9.1f'):>9}"
                  for r in records]
         return "\n".join(rows)
@@ -89,27 +90,35 @@ def _loss_curves(records: list[dict]):
     return fig
 
 
+def _series(record: dict) -> str:
+    """An efficiency record's setup, with its implementation and CAB pattern where it has them."""
+    if "pattern" not in record:
+        return record["setup"]
+    impl = "" if record["impl"] == record["setup"] else f"/{record['impl']}"
+    return f"{record['setup']}{impl} {record['pattern']}"
+
+
 def _throughput(records: list[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for (setup, mode), rows in _by(records, ("setup", "mode")).items():
+    groups: dict = defaultdict(list)
+    for r in records:
+        groups[_series(r), r["mode"]].append(r)
+    positive = {"seconds": False, "peak_mib": False}
+    for (series, mode), rows in groups.items():
         rows = [r for r in rows if r["seconds"] is not None]
         lengths = [r["length"] for r in rows]
-        axes[0].plot(lengths, [r["seconds"] for r in rows], marker="o", label=f"{setup} {mode}")
-        axes[1].plot(lengths, [r["peak_mib"] or float("nan") for r in rows], marker="o", label=f"{setup} {mode}")
-    for ax, label in zip(axes, ("seconds", "peak extra MiB"), strict=False):
+        for ax, key in zip(axes, positive, strict=True):
+            # Memory read on the CPU can come out as 0 or below: such points are left out of the log scale.
+            values = [r[key] if r[key] is not None and r[key] > 0 else float("nan") for r in rows]
+            positive[key] |= any(v == v for v in values)
+            ax.plot(lengths, values, marker="o", label=f"{series} {mode}")
+    for ax, label, key in zip(axes, ("seconds", "peak extra MiB"), positive, strict=True):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.set_yscale("log" if positive[key] else "linear")
         ax.set_xlabel("length (tokens)")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=7)
     return fig
-
-
-def _by(records: list[dict], keys: tuple[str, ...]) -> dict:
-    groups: dict = defaultdict(list)
-    for r in records:
-        groups[tuple(r[k] for k in keys)].append(r)
-    return groups
 
 
 def plot(kind: str, records: list[dict], path: Path) -> None:
