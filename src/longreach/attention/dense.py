@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from ..positions import Rope
 from .core import Positions, check_shapes, rotate
@@ -36,9 +37,12 @@ def dense(
     q_len, k_len = q.shape[2], k.shape[2]
     q = rotate(rope, q, positions.query[:, None])
     k = rotate(rope, k, positions.key[:, None])
-    if causal and q_len == k_len and sliding_window is None and positions.key_mask is None:
-        # No mask tensor: an (L, L) one would take L^2 bytes (16 GiB at 128K) for what is_causal says.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=group > 1)
+    if causal and sliding_window is None and positions.key_mask is None:
+        # No mask tensor: an (Lq, Lk) one would take Lq * Lk bytes (16 GiB at 128K) for what is_causal says, or
+        # for queries after a cache, the lower-right causal bias; one query after a cache sees every key.
+        mask = causal_lower_right(q_len, k_len) if 1 < q_len < k_len else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=q_len == k_len, scale=scale,
+                                              enable_gqa=group > 1)
     mask = None
     if causal:
         mask = causal_mask(q_len, k_len, q.device)
