@@ -4,15 +4,15 @@ longreach's training-free setups, at lengths from 2K to 1M tokens.
 Run on the device, e.g.:
 ``python benchmarks/smollm2.py passkey OUT --lengths 2k,8k,32k,128k --setups baseline,yarn,dca --trials 4``
 
-Each length gets its own rescaling factor (max(1, ceil(length / trained length))), as a user extending to
-that length would pick. A setup is ``name`` or ``name:key=value/key=value`` (method or scheme options,
-e.g. ``select_merge:top_k=16`` or ``self_extend:group_size=auto``). ``--trials`` counts prompts per
-(length, depth) (``--long-trials`` past ``--long-from`` tokens); a setup that scores 0 at two lengths in a
-row is not run at longer ones, a rescaling scheme is skipped where its factor is 1 (the baseline), and past
-``--quadratic-limit`` tokens only setups whose attention cost grows linearly (select_merge, sinks) run. Records (the
-evaluations' own, with ``model``, ``setup``, ``factor`` and ``options``) are written to ``OUT/<eval>.json``
-after every cell, so a run cut short keeps what it measured; ``OUT/<eval>.png`` is drawn at the end.
-``--budget`` seconds stops before a cell would start past it.
+Each length gets its own rescaling factor (max(1, ceil(length / trained length))), as a user extending to that
+length would pick. A setup is ``name`` or ``name:key=value/key=value`` (method or scheme options, e.g.
+``select_merge:top_k=16`` or ``self_extend:group_size=auto``). ``--trials`` counts prompts per (length, depth)
+(``--long-trials`` past ``--long-from`` tokens); a setup that scores 0 at two lengths in a row is not run at
+longer ones (unless ``--every-length``), a rescaling scheme is skipped where its factor is 1 (the baseline),
+and past ``--quadratic-limit`` tokens only setups whose attention cost grows linearly (select_merge, sinks)
+run. Records (the evaluations' own, with ``model``, ``setup``, ``factor`` and ``options``) are written to
+``OUT/<eval>.json`` after every cell, so a run cut short keeps what it measured; ``OUT/<eval>.png`` is drawn
+at the end. ``--budget`` seconds stops before a cell would start past it.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--quadratic-limit", type=lambda s: parse_lengths(s)[0], default=131072,
                         help="the longest length for setups whose attention cost grows quadratically")
     parser.add_argument("--budget", type=float, default=math.inf, help="seconds; no cell starts after them")
+    parser.add_argument("--every-length", action="store_true",
+                        help="run every length, also after a setup scored 0 at two lengths in a row (full curves)")
     args = parser.parse_args()
 
     started = time.time()
@@ -89,7 +91,7 @@ def main() -> None:
         factor = float(max(1, math.ceil(length / trained)))
         for spec in args.setups.split(","):
             name, options = parse_setup(spec)
-            if zeros.get(spec, 0) >= 2 or time.time() - started > args.budget:
+            if (zeros.get(spec, 0) >= 2 and not args.every_length) or time.time() - started > args.budget:
                 continue
             if length > args.quadratic_limit and not setups.linear_cost(name):
                 continue
