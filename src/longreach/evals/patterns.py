@@ -67,7 +67,10 @@ def flex(causal: bool) -> Attend:
                                      device=q.device)
         if not torch.is_grad_enabled():  # Flex refuses inputs that require grad where it has no backward (CPU)
             q, k, v = q.detach(), k.detach(), v.detach()
-        return run(q, k, v, block_mask=mask, enable_gqa=q.shape[1] > k.shape[1])
+        # Each pattern, length and grad mode is its own graph; past dynamo's default limit of 8 Flex would fall
+        # back to its unfused path, which forms the whole score matrix.
+        with torch._dynamo.config.patch(recompile_limit=256):
+            return run(q, k, v, block_mask=mask, enable_gqa=q.shape[1] > k.shape[1])
 
     return attend
 
