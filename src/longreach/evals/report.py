@@ -33,7 +33,7 @@ def table(kind: str, records: list[dict]) -> str:
         rows = [f"{'setup':<{width}} {'length':>8} {'mode':<17} {'seconds':>9} {'tokens/s':>10} {'peak MiB':>9}"]
         rows += [f"{_series(r):<{width}} {r['length']:>8} {r['mode']:<17} {_format(r['seconds'], '9.4f'):>9} "
                  f"{_format(r['tokens_per_second'], '10.0f'):>10} {_format(r['peak_mib'], '9.1f'):>9}"
-                 for r in records]
+                 + (f"  {r['error']}" if r.get("error") else "") for r in records]
         return "\n".join(rows)
     value, fmt = ("perplexity", "8.2f") if kind == "perplexity" else ("accuracy", "8.2f")
     setups, lengths, cells = _grid(records, value)
