@@ -22,20 +22,8 @@ import torch
 from longreach.attention import METHODS
 from longreach.cli import parse_lengths
 from longreach.evals import report
-from longreach.evals.patterns import PATTERNS, baselines, for_method, pattern_efficiency
+from longreach.evals.patterns import PATTERNS, implementations, pattern_efficiency
 from longreach.positions import default
-
-
-def implementations(methods: tuple[str, ...], rope):
-    def named(pattern: str) -> dict:
-        found = baselines(pattern)
-        for name in methods:
-            attend = for_method(pattern, name, {}, rope)
-            if attend is not None:
-                found[name] = attend
-        return found
-
-    return named
 
 
 def with_ratios(records: list[dict]) -> list[dict]:
@@ -62,7 +50,8 @@ def main() -> None:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(METHODS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rope = default(args.dim, 10000.0).to(device)
-    records = pattern_efficiency(implementations(methods, rope), parse_lengths(args.lengths), patterns=PATTERNS,
+    records = pattern_efficiency(implementations({name: {} for name in methods}, rope, baseline=True),
+                                 parse_lengths(args.lengths), patterns=PATTERNS,
                                  heads=args.heads, kv_heads=args.kv_heads, head_dim=args.dim,
                                  key_ratio=args.key_ratio, repeats=args.repeats, device=device,
                                  dtype=torch.bfloat16 if device == "cuda" else torch.float32)

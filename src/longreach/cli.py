@@ -17,7 +17,7 @@ from .evals import report, setups
 from .evals.efficiency import efficiency
 from .evals.needle import needle
 from .evals.passkey import passkey
-from .evals.patterns import PATTERNS, baselines, for_method, parse_patterns, pattern_efficiency
+from .evals.patterns import PATTERNS, implementations, parse_patterns, pattern_efficiency
 from .evals.perplexity import perplexity
 from .hf import attention_of, attention_shape
 
@@ -229,17 +229,13 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, patt
         return efficiency(model, lengths, backward=not forward_only, repeats=repeats, progress=progress)
     configured = attention_of(model)
     if configured is None:
-        implementations = baselines
+        named = implementations({}, None, baseline=True)
     else:
         name, options, rope = configured
-
-        def implementations(pattern):
-            attend = for_method(pattern, name, options, rope)
-            return {} if attend is None else {name: attend}
-
-    heads, kv_heads, dim = attention_shape(model)
+        named = implementations({name: options}, rope, baseline=False)
+    heads, kv_heads, dim = attention_shape(model.config)
     parameter = next(model.parameters())
-    return pattern_efficiency(implementations, lengths, patterns=parse_patterns(patterns), heads=heads,
+    return pattern_efficiency(named, lengths, patterns=parse_patterns(patterns), heads=heads,
                               kv_heads=kv_heads, head_dim=dim, key_ratio=key_ratio, backward=not forward_only,
                               repeats=repeats, device=parameter.device, dtype=parameter.dtype, progress=progress)
 

@@ -487,11 +487,10 @@ def attention_of(model: PreTrainedModel) -> tuple[str, dict[str, Any], Any] | No
     return None if setup is None else (setup.method, dict(setup.options), setup.rope)
 
 
-def attention_shape(model: PreTrainedModel) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head_dim) of the model's attention layers."""
-    config = model.config
-    return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads, \
-        head_dim(config)
+def attention_shape(config: Any) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head_dim) of a transformers config's attention layers."""
+    heads = config.num_attention_heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim(config)
 
 
 def describe(model: PreTrainedModel) -> dict[str, Any] | None:

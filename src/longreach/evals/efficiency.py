@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -14,6 +14,18 @@ from .retrieval import Progress
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_seconds(run: Callable[[], None], device: torch.device, repeats: int) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``run``, each waited for on the device."""
+    times = []
+    for _ in range(repeats):
+        _synchronize(device)
+        start = time.perf_counter()
+        run()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def _step(model, ids: torch.Tensor, backward: bool) -> None:
@@ -45,14 +57,7 @@ def measure(model, length: int, *, backward: bool, repeats: int = 3, seed: int =
                 "device": str(device), "error": "out of memory"}
     with PeakMemory(device) as peak:
         _step(model, ids, backward)
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        _step(model, ids, backward)
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
+    seconds = median_seconds(lambda: _step(model, ids, backward), device, repeats)
     return {"length": length, "mode": mode, "seconds": seconds,
             "tokens_per_second": length / seconds, "peak_mib": None if peak.bytes is None else peak.bytes / 2**20,
             "device": str(device)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.core import TILE_ELEMENTS_CUDA
-from ..hf import head_dim
+from ..hf import attention_shape
 
 GIB = 2**30
 
@@ -18,10 +18,9 @@ def prompt_bytes(config, length: int, batch: int, chunk: int, element_bytes: int
     chunk's activations are bounded by the residual stream and attention projections (4 hidden + q, k,
     v) and the gated MLP (3 intermediate) per token, plus the attention methods' float32 score tiles.
     """
-    dim = head_dim(config)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads, kv_heads, dim = attention_shape(config)
     cache = config.num_hidden_layers * 2 * kv_heads * dim * length * batch * element_bytes
-    per_token = 4 * config.hidden_size + (config.num_attention_heads + 2 * kv_heads) * dim
+    per_token = 4 * config.hidden_size + (heads + 2 * kv_heads) * dim
     per_token += 3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
     activations = min(chunk, length) * batch * per_token * element_bytes + 4 * TILE_ELEMENTS_CUDA * 4
     return cache, activations

@@ -14,7 +14,6 @@ with a non-causal form (:attr:`longreach.attention.Method.noncausal`), q and k t
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,6 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ..attention import METHODS, Positions
+from .efficiency import median_seconds
 from .memory import PeakMemory
 from .retrieval import Progress
 
@@ -58,13 +58,18 @@ def sdpa(causal: bool) -> Attend:
 def flex(causal: bool) -> Attend:
     """FlexAttention with the pattern's block mask (lower-right causal), compiled on CUDA."""
     run = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    masks: dict = {}
+
+    def block_mask(q_len: int, k_len: int, device: torch.device):
+        # Built once per shape, as a user would: only the attention itself is timed.
+        if (q_len, k_len, device) not in masks:
+            offset = k_len - q_len
+            masks[q_len, k_len, device] = create_block_mask(lambda b, h, i, j: j <= i + offset, None, None, q_len,
+                                                            k_len, device=device)
+        return masks[q_len, k_len, device]
 
     def attend(q, k, v):
-        mask = None
-        if causal:
-            offset = k.shape[2] - q.shape[2]
-            mask = create_block_mask(lambda b, h, i, j: j <= i + offset, None, None, q.shape[2], k.shape[2],
-                                     device=q.device)
+        mask = block_mask(q.shape[2], k.shape[2], q.device) if causal else None
         if not torch.is_grad_enabled():  # Flex refuses inputs that require grad where it has no backward (CPU)
             q, k, v = q.detach(), k.detach(), v.detach()
         # Each pattern, length and grad mode is its own graph; past dynamo's default limit of 8 Flex would fall
@@ -97,6 +102,20 @@ def for_method(pattern: str, name: str, options: dict, rope) -> Attend | None:
     return lambda q, k, v: entry.noncausal(q, k, v, **kept)
 
 
+def implementations(methods: dict[str, dict], rope, *, baseline: bool) -> Callable[[str], dict[str, Attend]]:
+    """Per pattern: SDPA and Flex (with ``baseline``), then each method of ``methods`` (name -> options) that
+    is defined on it."""
+
+    def named(pattern: str) -> dict[str, Attend]:
+        found = baselines(pattern) if baseline else {}
+        for name, options in methods.items():
+            if (attend := for_method(pattern, name, options, rope)) is not None:
+                found[name] = attend
+        return found
+
+    return named
+
+
 def _step(attend: Attend, q, k, v, backward: bool) -> None:
     if backward:
         attend(q, k, v).float().sum().backward()
@@ -120,16 +139,8 @@ def measure(attend: Attend, q, k, v, *, backward: bool, repeats: int) -> dict:
         return {"seconds": None, "peak_mib": None, "error": str(error).splitlines()[0]}
     with PeakMemory(device) as peak:
         _step(attend, q, k, v, backward)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        _step(attend, q, k, v, backward)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return {"seconds": sorted(times)[len(times) // 2], "peak_mib": None if peak.bytes is None else peak.bytes / 2**20}
+    seconds = median_seconds(lambda: _step(attend, q, k, v, backward), device, repeats)
+    return {"seconds": seconds, "peak_mib": None if peak.bytes is None else peak.bytes / 2**20}
 
 
 def pattern_efficiency(implementations: Callable[[str], dict[str, Attend]], lengths: Sequence[int], *,
