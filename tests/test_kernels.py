@@ -309,16 +309,18 @@ def test_kernel_offsets_do_not_wrap_past_2_31_elements():
     assert out.max() > 2**31
 
 
+@pytest.mark.parametrize("rows", [16, 64])  # the float32 and the 16-bit tile height
 @pytest.mark.parametrize("steps", [16, 1])  # 1: the key blocks split over several programs
-@pytest.mark.parametrize(("score", "representatives", "k_len", "q_len"), [("max", 4, 200, 200), ("max", 4, 300, 40),
+@pytest.mark.parametrize(("score", "representatives", "k_len", "q_len"), [("max", 4, 300, 300), ("max", 4, 300, 40),
                                                                           ("representatives", 4, 100, 100),
                                                                           ("representatives", 8, 77, 1)])
-def test_block_max_kernel_matches_the_reference(score, representatives, k_len, q_len, steps, monkeypatch):
+def test_block_max_kernel_matches_the_reference(score, representatives, k_len, q_len, steps, rows, monkeypatch):
     from longreach.attention.select_merge import block_means, block_scores, key_summary, summary_rows
     from longreach.kernels import block_scores as kernel
     from longreach.kernels.block_scores import block_max_scores
 
     monkeypatch.setattr(kernel, "STEPS", steps)
+    monkeypatch.setattr(kernel, "ROWS_FP32", rows)
 
     block, gen = 16, torch.Generator().manual_seed(0)
     k = torch.randn(1, 2, k_len, 32, generator=gen)

@@ -19,8 +19,10 @@ from . import HEAD_DIMS
 from .tiles import batch_head, row_offsets
 
 # A program scores ROWS summaries against STEPS tiles of KEYS key rows: many programs even when a
-# chunk holds few query blocks (a 4M-token prompt's chunks hold about 30).
-ROWS, KEYS, STEPS = 64, 128, 16
+# chunk holds few query blocks (a 4M-token prompt's chunks hold about 30). float32 products are FMAs, not
+# tensor-core MMAs, and a 64 x 128 float32 tile spills registers (H200, the pretraining shape 256 x 6 heads x
+# 16 summaries: 5.08 ms a call at 64 rows, 0.27 at 16), so float32 keys take ROWS_FP32 rows.
+ROWS, ROWS_FP32, KEYS, STEPS = 64, 16, 128, 16
 
 
 @triton.jit
@@ -78,9 +80,10 @@ def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scal
     has_bias = bias is not None
     bias = bias.float().contiguous() if has_bias else keys.new_zeros(1, 1, 1, dtype=torch.float32)
     out = torch.empty(b, h, nq, n_blocks, device=q_bar.device, dtype=torch.float32)
-    grid = (b * h, triton.cdiv(nq, ROWS), triton.cdiv(n_blocks * part, STEPS * KEYS))
+    rows = ROWS_FP32 if keys.dtype == torch.float32 else ROWS
+    grid = (b * h, triton.cdiv(nq, rows), triton.cdiv(n_blocks * part, STEPS * KEYS))
     _block_max_kernel[grid](q_bar, keys, bias, out, *q_bar.stride()[:3], *keys.stride()[:3], *bias.stride()[:2],
                             *out.stride()[:3], h, h // h_kv, nq, n_blocks, n_keys, first, scale, PART=part,
-                            ROWS=ROWS, KEYS=KEYS, STEPS=STEPS, D=d, HAS_BIAS=has_bias,
+                            ROWS=rows, KEYS=KEYS, STEPS=STEPS, D=d, HAS_BIAS=has_bias,
                             DOT="ieee" if keys.dtype == torch.float32 else "tf32")
     return out
