@@ -10,9 +10,10 @@ length would pick. A setup is ``name`` or ``name:key=value/key=value`` (method o
 (``--long-trials`` past ``--long-from`` tokens); a setup that scores 0 at two lengths in a row is not run at
 longer ones (unless ``--every-length``), a rescaling scheme is skipped where its factor is 1 (the baseline),
 and past ``--quadratic-limit`` tokens only setups whose attention cost grows linearly (select_merge, sinks)
-run. Records (the evaluations' own, with ``model``, ``setup``, ``factor`` and ``options``) are written to
-``OUT/<eval>.json`` after every cell, so a run cut short keeps what it measured; ``OUT/<eval>.png`` is drawn
-at the end. ``--budget`` seconds stops before a cell would start past it.
+run. Perplexity scores the same targets at every length: ``--samples`` segments of the longest length,
+each length reading its last tokens. Records (the evaluations' own, with ``model``, ``setup``, ``factor`` and
+``options``) are written to ``OUT/<eval>.json`` after every cell, so a run cut short keeps what it measured;
+``OUT/<eval>.png`` is drawn at the end. ``--budget`` seconds stops before a cell would start past it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict
     if kind == "needle":
         return needle(model, tokenizer, [length], depths, texts=texts, trials=trials, batch_size=args.batch_size,
                       chat=args.chat, prefill_chunk=args.prefill_chunk)
-    return perplexity(model, tokenizer, [length], texts=texts, window=args.window, samples=args.samples)
+    return perplexity(model, tokenizer, [length], texts=texts, window=args.window, samples=args.samples,
+                      segment_length=max(parse_lengths(args.lengths)))
 
 
 def scored_zero(records: list[dict]) -> bool:

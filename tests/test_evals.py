@@ -150,8 +150,23 @@ def test_perplexity_matches_known_predictions():
     assert records[2]["samples"] == 3 and len(records[2]["position_loss"]) == 64
 
 
+def test_perplexity_one_length_at_a_time_scores_the_targets_of_all_lengths_at_once():
+    rng, ids = random.Random(0), []  # counting runs of random lengths: the model misses each run's first token
+    while len(ids) < 3000:
+        start = rng.randrange(50)
+        ids += [(start + j) % 50 for j in range(rng.randrange(1, 40))]
+    text = " ".join(map(str, ids))
+    model, tokenizer = NextTokenModel(50, 3.0, wrong_from=10**9), CountingTokenizer()
+    together = perplexity(model, tokenizer, [64, 128, 256], texts=[text], window=32, samples=3)
+    alone = [perplexity(model, tokenizer, [n], texts=[text], window=32, samples=3, segment_length=256)[0]
+             for n in (64, 128, 256)]
+    assert [r["loss"] for r in alone] == [r["loss"] for r in together]
+    assert perplexity(model, tokenizer, [64], texts=[text], window=32, samples=3)[0]["loss"] != together[0]["loss"]
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"window": 64}, "window must be in"), ({"lengths": [5000]}, "fewer than one segment of 5001"),
+    ({"segment_length": 100}, "segment_length must be at least the longest length 128, got 100"),
 ])
 def test_perplexity_rejects_bad_input(kwargs, message):
     args = {"lengths": [64, 128], "window": 16} | kwargs

@@ -38,16 +38,21 @@ def sequence_losses(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def perplexity(model, tokenizer, lengths: Sequence[int], *, texts: Sequence[str], window: int = 256,
-               samples: int = 8, bins: int = 64, progress: Progress | None = None) -> list[dict]:
+               samples: int = 8, bins: int = 64, progress: Progress | None = None,
+               segment_length: int | None = None) -> list[dict]:
     """Records ``{length, loss, perplexity, window, samples, position_loss}``; ``position_loss`` lists
-    ``[position, mean loss]`` over ``bins`` equal spans of the length's positions."""
+    ``[position, mean loss]`` over ``bins`` equal spans of the length's positions. ``segment_length``
+    (at least the longest length) cuts the segments longer than ``lengths`` need, so that calls for one
+    length at a time score the same targets as one call for all of them."""
     if not lengths or any(int(n) != n or n < 2 for n in lengths):
         raise ValueError(f"lengths must be integers >= 2, got {list(lengths)}")
     if not 1 <= window < min(lengths):
         raise ValueError(f"window must be in [1, {min(lengths) - 1}] (below the shortest length), got {window}")
     if samples < 1 or bins < 1:
         raise ValueError(f"samples and bins must be >= 1, got {samples} and {bins}")
-    data = segments(tokenizer, texts, max(lengths) + 1, samples)
+    if segment_length is not None and segment_length < max(lengths):
+        raise ValueError(f"segment_length must be at least the longest length {max(lengths)}, got {segment_length}")
+    data = segments(tokenizer, texts, (segment_length or max(lengths)) + 1, samples)
     check_token_ids(model, int(data.max()))
     device = next(model.parameters()).device
     records = []
