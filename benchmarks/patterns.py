@@ -7,7 +7,7 @@ Each method runs at its defaults with RoPE base 1e4 on the patterns it defines (
 four; the others causally). Every record carries ``vs_sdpa``: SDPA's time over its own in the same pattern,
 length and mode, measured in this run. Writes ``OUT/patterns.json`` and ``OUT/patterns.png``.
 
-    python benchmarks/patterns.py --out DIR [--lengths 16k,64k] [--methods select_merge,dca]
+    python benchmarks/patterns.py --out DIR [--lengths 16k,64k] [--methods select_merge,dca] [--patterns causal_self]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from longreach.attention import METHODS
 from longreach.cli import parse_lengths
 from longreach.evals import report
-from longreach.evals.patterns import PATTERNS, implementations, pattern_efficiency
+from longreach.evals.patterns import PATTERNS, implementations, parse_patterns, pattern_efficiency
 from longreach.positions import default
 
 
@@ -44,24 +44,28 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--key-ratio", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--patterns", default="all", help=f"all, or a comma-separated subset of {PATTERNS}")
     args = parser.parse_args()
     methods = tuple(args.methods.split(","))
     if unknown := set(methods) - set(METHODS):
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {sorted(METHODS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rope = default(args.dim, 10000.0).to(device)
-    records = pattern_efficiency(implementations({name: {} for name in methods}, rope, baseline=True),
-                                 parse_lengths(args.lengths), patterns=PATTERNS,
-                                 heads=args.heads, kv_heads=args.kv_heads, head_dim=args.dim,
-                                 key_ratio=args.key_ratio, repeats=args.repeats, device=device,
-                                 dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    records = [{"setup": r["impl"], **r} for r in with_ratios(records)]
+    named = implementations({name: {} for name in methods}, rope, baseline=True)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "python": platform.python_version(), "heads": args.heads, "kv_heads": args.kv_heads,
             "head_dim": args.dim, "key_ratio": args.key_ratio, "repeats": args.repeats,
             "defaults": {name: METHODS[name].defaults() for name in methods}}
-    (args.out / "patterns.json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+    records: list[dict] = []
+    for pattern in parse_patterns(args.patterns):  # written after each, so a run cut short keeps what it measured
+        records += pattern_efficiency(named, parse_lengths(args.lengths), patterns=(pattern,), heads=args.heads,
+                                      kv_heads=args.kv_heads, head_dim=args.dim, key_ratio=args.key_ratio,
+                                      repeats=args.repeats, device=device,
+                                      dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        records = [{"setup": r["impl"], **r} for r in with_ratios(records)]
+        (args.out / "patterns.json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
+        print(f"{pattern}: {len(records)} records", flush=True)
     report.plot("efficiency", records, args.out / "patterns.png")
     print(report.table("efficiency", records))
 
