@@ -5,7 +5,9 @@ Run on the device: ``python benchmarks/profile_selection.py OUT.json --length 65
 mean of 10 calls after 3 warm-up calls), then profiles 3 selection calls with torch.profiler and
 records the CUDA time of each operator (summed over the 3 calls). ``--context N`` makes the queries the
 last ``--length`` of N keys, as one chunk of a long chunked prefill (e.g. SmolLM2's shapes at 4M:
-``--length 65536 --context 4194304 --heads 9 --kv-heads 3 --dim 64``).
+``--length 65536 --context 4194304 --heads 9 --kv-heads 3 --dim 64``). ``--tiles 64x4,128x8`` also times
+``select_blocks`` with the best-key kernel's tiles set to each ROWSxWARPS (query summaries per program and
+warps), as ``tiles_ms``: the choice of ``kernels/block_scores.py``'s ROWS and WARPS.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from longreach.attention.core import Positions
 from longreach.attention.select_merge import select_blocks, select_merge
+from longreach.kernels import block_scores
 from longreach.positions import default
 
 SELECTION = ("block_size", "top_k", "local", "sink", "score", "query_rows", "per_head", "score_distance")
@@ -37,6 +40,17 @@ def mean_ms(fn, calls: int = 10) -> float:
     return start.elapsed_time(end) / calls
 
 
+def tiled_ms(tile: str, fn) -> float:
+    """mean_ms of fn with the best-key kernel's ROWS and WARPS set from ``tile`` (``ROWSxWARPS``), then restored."""
+    rows, warps = (int(x) for x in tile.split("x"))
+    saved = block_scores.ROWS, block_scores.WARPS
+    block_scores.ROWS, block_scores.WARPS = rows, warps
+    try:
+        return mean_ms(fn)
+    finally:
+        block_scores.ROWS, block_scores.WARPS = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -45,6 +59,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--tiles", default="", help="ROWSxWARPS,... of the best-key kernel to time")
     args = parser.parse_args()
     torch.manual_seed(0)
     context, kv_heads = args.context or args.length, args.kv_heads or args.heads
@@ -58,6 +73,8 @@ def main() -> None:
     positions = Positions.contiguous(1, args.length, context, "cuda")
     with torch.no_grad():
         selection_ms = mean_ms(lambda: select_blocks(q, k, rope=rope, **options))
+        tiles_ms = {tile: tiled_ms(tile, lambda: select_blocks(q, k, rope=rope, **options))
+                    for tile in filter(None, args.tiles.split(","))}
         forward_ms = mean_ms(lambda: select_merge(q, k, v, positions=positions, rope=rope))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
@@ -67,6 +84,7 @@ def main() -> None:
     record = {"length": args.length, "context": context, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
               "options": options,
               "device": torch.cuda.get_device_name(), "select_blocks_ms": selection_ms, "forward_ms": forward_ms,
+              "tiles_ms": tiles_ms,
               "profile_calls": 3, "cuda_us": {e.key: e.device_time_total for e in events[:25] if e.device_time_total}}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))

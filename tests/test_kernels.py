@@ -309,7 +309,7 @@ def test_kernel_offsets_do_not_wrap_past_2_31_elements():
     assert out.max() > 2**31
 
 
-@pytest.mark.parametrize("rows", [16, 64])  # the float32 and the 16-bit tile height
+@pytest.mark.parametrize("rows", [16, 64, 128])  # float32's and 16-bit's tile heights, and a taller one
 @pytest.mark.parametrize("steps", [16, 1])  # 1: the key blocks split over several programs
 @pytest.mark.parametrize(("score", "representatives", "k_len", "q_len"), [("max", 4, 300, 300), ("max", 4, 300, 40),
                                                                           ("representatives", 4, 100, 100),

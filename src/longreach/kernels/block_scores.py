@@ -22,7 +22,7 @@ from .tiles import batch_head, row_offsets
 # chunk holds few query blocks (a 4M-token prompt's chunks hold about 30). float32 products are FMAs, not
 # tensor-core MMAs, and a 64 x 128 float32 tile spills registers (H200, the pretraining shape 256 x 6 heads x
 # 16 summaries: 5.08 ms a call at 64 rows, 0.27 at 16), so float32 keys take ROWS_FP32 rows.
-ROWS, ROWS_FP32, KEYS, STEPS = 64, 16, 128, 16
+ROWS, ROWS_FP32, KEYS, STEPS, WARPS = 64, 16, 128, 16, 4
 
 
 @triton.jit
@@ -85,5 +85,5 @@ def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scal
     _block_max_kernel[grid](q_bar, keys, bias, out, *q_bar.stride()[:3], *keys.stride()[:3], *bias.stride()[:2],
                             *out.stride()[:3], h, h // h_kv, nq, n_blocks, n_keys, first, scale, PART=part,
                             ROWS=rows, KEYS=KEYS, STEPS=STEPS, D=d, HAS_BIAS=has_bias,
-                            DOT="ieee" if keys.dtype == torch.float32 else "tf32")
+                            DOT="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=WARPS)
     return out
