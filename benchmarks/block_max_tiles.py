@@ -4,8 +4,9 @@
 
 ``pretraining``: the reference model's pretraining step (batch 256 x 6 heads x 16 query summaries against
 2 kv heads of 512 keys, head_dim 64, block 32); ``64k``: benchmarks/attention.py's (32 heads of 1,024
-summaries against 64K keys, head_dim 128, block 64). Times ``block_max_scores`` (CUDA events, mean of 20
-calls after one) with ROWS (16-bit keys) and ROWS_FP32 (float32 keys) set to each ``--rows``.
+summaries against 64K keys, head_dim 128, block 64). Times ``block_max_scores`` (profile_selection's
+``mean_ms``: CUDA events, mean of 10 calls after 3) with ROWS (16-bit keys) and ROWS_FP32 (float32 keys)
+set to each ``--rows``.
 """
 
 from __future__ import annotations
@@ -15,22 +16,12 @@ import json
 from pathlib import Path
 
 import torch
+from profile_selection import mean_ms
 
 from longreach.kernels import block_scores
 
 SHAPES = {"pretraining": ((256, 6, 16, 64), (256, 2, 512, 64), 32),
           "64k": ((1, 32, 1024, 128), (1, 32, 65536, 128), 64)}
-
-
-def mean_ms(fn, calls: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
 
 
 def main() -> None:
