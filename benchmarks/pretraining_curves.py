@@ -5,7 +5,8 @@
 Each DIR holds ``benchmarks/smollm2.py``'s ``passkey.json``, ``needle.json`` and ``perplexity.json`` for one
 model (run with ``--every-length`` for whole curves). Writes ``OUT/extrapolation_<eval>.json`` (every model's
 records, ``setup`` prefixed with its LABEL) and ``OUT/extrapolation.png``: passkey and needle accuracy (over
-all depths and trials) and perplexity against the length, one line per model.
+all depths and trials) and perplexity against the length, one line per model, and each model's mean loss
+per position at its longest length.
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ def curve(records: list[dict], kind: str) -> dict[str, tuple[list[int], list[flo
             for setup, by_length in points.items()}
 
 
+def along_the_longest(axis, records: list[dict]) -> None:
+    """Each model's mean loss per position (binned) at its longest length: whether it grows with the position."""
+    longest = {}
+    for r in records:
+        if r["length"] >= longest.get(r["setup"], {"length": 0})["length"]:
+            longest[r["setup"]] = r
+    for setup, r in longest.items():
+        positions, losses = zip(*r["position_loss"], strict=True)
+        axis.plot(positions, losses, label=setup)
+    axis.set_xlabel("position (tokens)")
+    axis.set_ylabel("mean loss")
+    axis.set_title(f"loss per position at {max(r['length'] for r in longest.values()):,} tokens")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -52,9 +67,11 @@ def main() -> None:
     args = parser.parse_args()
     runs = {label: Path(folder) for label, _, folder in (run.partition("=") for run in args.runs)}
     args.out.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(1, len(EVALS), figsize=(5 * len(EVALS), 4))
-    for axis, kind in zip(axes, EVALS, strict=True):
+    figure, axes = plt.subplots(1, len(EVALS) + 1, figsize=(5 * len(EVALS) + 5, 4))
+    for axis, kind in zip(axes[:-1], EVALS, strict=True):
         data = merged(runs, kind)
+        if kind == "perplexity":
+            along_the_longest(axes[-1], data["records"])
         (args.out / f"extrapolation_{kind}.json").write_text(json.dumps(data, indent=1) + "\n")
         for setup, (lengths, values) in curve(data["records"], kind).items():
             axis.plot(lengths, values, marker="o", label=setup)
