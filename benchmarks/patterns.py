@@ -59,11 +59,11 @@ def main() -> None:
             "defaults": {name: METHODS[name].defaults() for name in methods}}
     records: list[dict] = []
     for pattern in parse_patterns(args.patterns):  # written after each, so a run cut short keeps what it measured
-        records += pattern_efficiency(named, parse_lengths(args.lengths), patterns=(pattern,), heads=args.heads,
+        measured = pattern_efficiency(named, parse_lengths(args.lengths), patterns=(pattern,), heads=args.heads,
                                       kv_heads=args.kv_heads, head_dim=args.dim, key_ratio=args.key_ratio,
                                       repeats=args.repeats, device=device,
                                       dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-        records = [{"setup": r["impl"], **r} for r in with_ratios(records)]
+        records += with_ratios([{"setup": r["impl"], **r} for r in measured])
         (args.out / "patterns.json").write_text(json.dumps({**meta, "records": records}, indent=1) + "\n")
         print(f"{pattern}: {len(records)} records", flush=True)
     report.plot("efficiency", records, args.out / "patterns.png")
