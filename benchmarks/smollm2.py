@@ -50,6 +50,13 @@ def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict
                       segment_length=max(parse_lengths(args.lengths)))
 
 
+def with_bos(tokenizer) -> None:
+    """Makes ``tokenizer`` begin every text with its BOS token, as Llama's tokenizer does."""
+    tokenizer.add_bos_token = True
+    if tokenizer.bos_token_id is None or tokenizer.encode("a")[:1] != [tokenizer.bos_token_id]:
+        raise SystemExit("--bos: this tokenizer has no BOS token or does not add it on request")
+
+
 def scored_zero(records: list[dict]) -> bool:
     return all(r.get("accuracy", 1.0) == 0.0 for r in records)
 
@@ -70,6 +77,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--chat", action="store_true")
+    parser.add_argument("--bos", action="store_true",
+                        help="prompts begin with the tokenizer's BOS token (SmolLM2's tokenizer adds none by itself)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--quadratic-limit", type=lambda s: parse_lengths(s)[0], default=131072,
                         help="the longest length for setups whose attention cost grows quadratically")
@@ -81,12 +90,14 @@ def main() -> None:
     started = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=device)
+    if args.bos:
+        with_bos(tokenizer)
     texts = haystack_texts()
     trained = model.config.max_position_embeddings
     path = args.out / f"{args.eval}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "dtype": args.dtype, "command": args.eval, "chat": args.chat}
+            "dtype": args.dtype, "command": args.eval, "chat": args.chat, "bos": args.bos}
     records: list[dict] = json.loads(path.read_text())["records"] if path.exists() else []
     zeros: dict[str, int] = {}
     for length in parse_lengths(args.lengths):
