@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from profile_selection import mean_ms
+from profile_selection import mean_ms, tiles
 
 from longreach.kernels import block_scores
 
@@ -36,11 +36,9 @@ def main() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         k = torch.randn(k_shape, device="cuda", dtype=dtype)
         for rows in (int(r) for r in args.rows.split(",")):
-            saved = block_scores.ROWS, block_scores.ROWS_FP32
-            block_scores.ROWS = block_scores.ROWS_FP32 = rows
-            ms = mean_ms(lambda keys=k: block_scores.block_max_scores(q, keys, k_shape[2] // part, part,
-                                                                     q_shape[-1] ** -0.5))
-            block_scores.ROWS, block_scores.ROWS_FP32 = saved
+            with tiles(ROWS=rows, ROWS_FP32=rows):
+                ms = mean_ms(lambda keys=k: block_scores.block_max_scores(q, keys, k_shape[2] // part, part,
+                                                                         q_shape[-1] ** -0.5))
             records.append({"dtype": str(dtype).removeprefix("torch."), "rows": rows, "ms": ms})
             print(records[-1], flush=True)
     meta = {"shape": args.shape, "queries": q_shape, "keys": k_shape, "part": part,

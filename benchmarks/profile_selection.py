@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -40,15 +41,24 @@ def mean_ms(fn, calls: int = 10) -> float:
     return start.elapsed_time(end) / calls
 
 
-def tiled_ms(tile: str, fn) -> float:
-    """mean_ms of fn with the best-key kernel's ROWS and WARPS set from ``tile`` (``ROWSxWARPS``), then restored."""
-    rows, warps = (int(x) for x in tile.split("x"))
-    saved = block_scores.ROWS, block_scores.WARPS
-    block_scores.ROWS, block_scores.WARPS = rows, warps
+@contextmanager
+def tiles(**constants: int):
+    """The best-key kernel's tile constants (``ROWS``, ``ROWS_FP32``, ``WARPS``) set for the block, then restored."""
+    saved = {name: getattr(block_scores, name) for name in constants}
+    for name, value in constants.items():
+        setattr(block_scores, name, value)
     try:
-        return mean_ms(fn)
+        yield
     finally:
-        block_scores.ROWS, block_scores.WARPS = saved
+        for name, value in saved.items():
+            setattr(block_scores, name, value)
+
+
+def tiled_ms(tile: str, fn) -> float:
+    """mean_ms of fn with the best-key kernel's ROWS and WARPS set from ``tile`` (``ROWSxWARPS``)."""
+    rows, warps = (int(x) for x in tile.split("x"))
+    with tiles(ROWS=rows, WARPS=warps):
+        return mean_ms(fn)
 
 
 def main() -> None:
