@@ -16,8 +16,12 @@ LongLoRA uses only in training), a fixed scheme at its training factor, NTK at e
 CRD-NTK (at most its largest training factor), CLEX with its trained state; ``--untuned SETUP,...`` evaluates
 the un-tuned model too, in the same process. Lengths past ``--quadratic-limit`` are evaluated (with
 ``--long-trials`` prompts per cell) only under attention whose cost grows linearly, and a retrieval evaluation
-stops after two lengths in a row that scored nothing. Writes ``OUT/extend_model.json`` after every evaluation,
-and one plot per evaluation.
+stops after two lengths in a row that scored nothing; ``--eval-lengths KIND=LENGTHS`` gives one evaluation its
+own lengths (e.g. ``passkey=8k,1m,4m``). Perplexity scores the same targets at every length (the last
+``--window`` tokens of ``--samples`` segments of its longest length, cut from the shipped haystack texts or,
+with ``--heldout``, from the corpus' held-out split). Writes ``OUT/extend_model.json`` after every evaluation,
+and one plot per evaluation; ``--save`` also writes each tuned model (adapters merged) to ``OUT/NAME/model``,
+a checkpoint folder that ``--model`` of this script and of ``smollm2.py`` loads.
 """
 
 from __future__ import annotations
@@ -76,6 +80,9 @@ def train(args, spec: str, stream) -> tuple[torch.nn.Module, object, dict]:
               "curve": [{"step": h["step"], "loss": h["loss"], "factor": h["factor"]} for h in history]}
     merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
     merged.config.use_cache = True
+    if args.save:
+        merged.save_pretrained(args.out / name / "model")
+        tokenizer.save_pretrained(args.out / name / "model")
     return merged.to(dtype).eval(), tokenizer, record
 
 
@@ -107,8 +114,8 @@ def evaluate(model, tokenizer, label: str, setup: str, factor_at: Callable[[int]
     two lengths in a row that scored nothing."""
     found = {}
     for kind in args.evals.split(","):
-        rows, zeros = [], 0
-        for length in (n for n in args.lengths if reaches(setup, n, args)):
+        rows, zeros, lengths = [], 0, args.eval_lengths.get(kind, args.lengths)
+        for length in (n for n in lengths if reaches(setup, n, args)):
             if zeros >= 2:
                 break
             setups.apply(model, setup, factor=factor_at(length), lengths=[length], options=options)
@@ -119,11 +126,28 @@ def evaluate(model, tokenizer, label: str, setup: str, factor_at: Callable[[int]
                 cell = needle(model, tokenizer, [length], DEPTHS, texts=haystack_texts(), trials=trials(args, length),
                               batch_size=1, prefill_chunk=args.prefill_chunk)
             else:
-                cell = perplexity(model, tokenizer, [length], texts=haystack_texts(), window=256, samples=args.samples)
+                cell = perplexity(model, tokenizer, [length], texts=perplexity_texts(args), window=args.window,
+                                  samples=args.samples, segment_length=max(lengths))
             zeros = zeros + 1 if kind != "perplexity" and not any(r["correct"] for r in cell) else 0
             rows += [{"factor": factor_at(length), **r} for r in cell]
         found[kind] = [{"setup": label, "inference": setup, **r} for r in rows]
     return found
+
+
+def eval_lengths(spec: str) -> tuple[str, list[int]]:
+    """``KIND=LENGTHS`` -> (kind, lengths)."""
+    kind, _, lengths = spec.partition("=")
+    if kind not in ("passkey", "needle", "perplexity") or not lengths:
+        raise argparse.ArgumentTypeError(f"write passkey|needle|perplexity=LENGTHS, got {spec!r}")
+    return kind, parse_lengths(lengths)
+
+
+def perplexity_texts(args) -> list[str]:
+    """The corpus' held-out split with ``--heldout`` (more text: more segments of a long length), else the
+    shipped haystack texts."""
+    if args.heldout:
+        return [d["text"] for d in read(args.corpus / "heldout.jsonl.xz")]
+    return haystack_texts()
 
 
 def trials(args, length: int) -> int:
@@ -145,16 +169,24 @@ def main() -> None:
     parser.add_argument("--retrieval", type=float, default=0.25, help="share of synthetic retrieval rows")
     parser.add_argument("--evals", default="passkey,needle,perplexity")
     parser.add_argument("--lengths", type=parse_lengths, default=[8192, 32768, 131072])
+    parser.add_argument("--eval-lengths", type=eval_lengths, action="append", default=[],
+                        help="KIND=LENGTHS: one evaluation's own lengths instead of --lengths (repeatable)")
     parser.add_argument("--trials", type=int, default=2, help="prompts per (length, depth)")
     parser.add_argument("--long-trials", type=int, default=1, help="prompts per cell past --quadratic-limit")
     parser.add_argument("--quadratic-limit", type=lambda s: parse_lengths(s)[0], default=131072,
                         help="the longest length for setups whose attention cost grows quadratically")
-    parser.add_argument("--samples", type=int, default=2, help="perplexity segments")
+    parser.add_argument("--samples", type=int, default=2, help="perplexity segments (at most what the text holds)")
+    parser.add_argument("--window", type=int, default=256, help="perplexity scores each segment's last WINDOW tokens")
+    parser.add_argument("--heldout", action="store_true", help="perplexity of CORPUS/heldout.jsonl.xz")
     parser.add_argument("--prefill-chunk", type=int, default=None)
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", action="store_true", help="write each tuned model to OUT/NAME/model")
     args = parser.parse_args()
+    args.eval_lengths = dict(args.eval_lengths)
+    if unknown := set(args.eval_lengths) - set(args.evals.split(",")):
+        parser.error(f"--eval-lengths names {sorted(unknown)}, which --evals ({args.evals}) does not run")
     for spec in args.runs.split(","):
         parse_run(spec)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,16 +4,18 @@ longreach's training-free setups, at lengths from 2K to 1M tokens.
 Run on the device, e.g.:
 ``python benchmarks/smollm2.py passkey OUT --lengths 2k,8k,32k,128k --setups baseline,yarn,dca --trials 4``
 
-Each length gets its own rescaling factor (max(1, ceil(length / trained length))), as a user extending to that
-length would pick. A setup is ``name`` or ``name:key=value/key=value`` (method or scheme options, e.g.
-``select_merge:top_k=16`` or ``self_extend:group_size=auto``). ``--trials`` counts prompts per (length, depth)
-(``--long-trials`` past ``--long-from`` tokens); a setup that scores 0 at two lengths in a row is not run at
-longer ones (unless ``--every-length``), a rescaling scheme is skipped where its factor is 1 (the baseline),
-and past ``--quadratic-limit`` tokens only setups whose attention cost grows linearly (select_merge, sinks)
-run. Perplexity scores the same targets at every length: ``--samples`` segments of the longest length,
-each length reading its last tokens. Records (the evaluations' own, with ``model``, ``setup``, ``factor`` and
-``options``) are written to ``OUT/<eval>.json`` after every cell, so a run cut short keeps what it measured;
-``OUT/<eval>.png`` is drawn at the end. ``--budget`` seconds stops before a cell would start past it.
+Each length gets its own rescaling factor (max(1, ceil(length / trained length))), as a user extending to that length
+would pick (at most ``--max-factor``, e.g. the largest factor a CRD-NTK fine-tune trained on). A setup is ``name`` or
+``name:key=value/key=value`` (method or scheme options, e.g. ``select_merge:top_k=16`` or
+``self_extend:group_size=auto``). ``--trials`` counts prompts per (length, depth) (``--long-trials`` past
+``--long-from`` tokens); a setup that scores 0 at two lengths in a row is not run at longer ones (unless
+``--every-length``), a rescaling scheme is skipped where its factor is 1 (the baseline), and past
+``--quadratic-limit`` tokens only setups whose attention cost grows linearly (select_merge, sinks) run. Perplexity
+scores the same targets at every length: ``--samples`` segments of the longest length (of the haystack texts, or of
+``--perplexity-texts``), each length reading its last tokens. Records (the evaluations' own, with ``model``,
+``setup``, ``factor`` and ``options``) are written to ``OUT/<eval>.json`` after every cell, so a run cut short keeps
+what it measured; ``OUT/<eval>.png`` is drawn at the end. ``--budget`` seconds stops before a cell would start past
+it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from longreach.cli import DTYPES, parse_lengths, parse_options
 from longreach.evals import needle, passkey, perplexity, report, setups
 from longreach.pretrained import load_pretrained
 from longreach.reference_model import haystack_texts
+from longreach.reference_model.corpus import read
 
 
 def parse_setup(spec: str) -> tuple[str, dict]:
@@ -46,6 +49,7 @@ def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict
     if kind == "needle":
         return needle(model, tokenizer, [length], depths, texts=texts, trials=trials, batch_size=args.batch_size,
                       chat=args.chat, prefill_chunk=args.prefill_chunk)
+    texts = [d["text"] for d in read(args.perplexity_texts)] if args.perplexity_texts else texts
     return perplexity(model, tokenizer, [length], texts=texts, window=args.window, samples=args.samples,
                       segment_length=max(parse_lengths(args.lengths)))
 
@@ -68,6 +72,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--lengths", default="2k,8k,32k,128k")
     parser.add_argument("--setups", default="baseline,yarn,dca,self_extend,select_merge")
+    parser.add_argument("--max-factor", type=float, default=math.inf, help="the largest rescaling factor")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--trials", type=int, default=4, help="prompts per (length, depth)")
     parser.add_argument("--long-trials", type=int, default=2, help="prompts per (length, depth) past --long-from")
@@ -76,6 +81,8 @@ def main() -> None:
     parser.add_argument("--prefill-chunk", type=int, default=None, help="prefill tokens at a time (passkey, needle)")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--perplexity-texts", type=Path, default=None,
+                        help="a *.jsonl.xz of documents (a corpus' heldout.jsonl.xz) for perplexity, not the haystack")
     parser.add_argument("--chat", action="store_true")
     parser.add_argument("--bos", action="store_true",
                         help="prompts begin with the tokenizer's BOS token (SmolLM2's tokenizer adds none by itself)")
@@ -101,7 +108,7 @@ def main() -> None:
     records: list[dict] = json.loads(path.read_text())["records"] if path.exists() else []
     zeros: dict[str, int] = {}
     for length in parse_lengths(args.lengths):
-        factor = float(max(1, math.ceil(length / trained)))
+        factor = float(min(args.max_factor, max(1, math.ceil(length / trained))))
         for spec in args.setups.split(","):
             name, options = parse_setup(spec)
             if (zeros.get(spec, 0) >= 2 and not args.every_length) or time.time() - started > args.budget:
