@@ -319,3 +319,12 @@ def test_linear_cost_names_the_setups_with_bounded_keys_per_query():
     assert not any(setups.linear_cost(s) for s in ("baseline", "dca", "self_extend", "yarn", "dca+ntk"))
     with pytest.raises(ValueError, match="not an attention method"):
         setups.linear_cost("select_merg")
+
+
+def test_table_columns_line_up_for_long_setup_names_and_missing_cells():
+    records = [{"setup": "tuned select_merge_crd (select_merge+ntk)", "length": 8192, "accuracy": 1.0},
+               {"setup": "tuned select_merge_crd (select_merge+ntk)", "length": 1048576, "accuracy": 0.8},
+               {"setup": "baseline", "length": 8192, "accuracy": 0.6}]
+    lines = report.table("passkey", records).splitlines()[1:]
+    assert len({len(line) for line in lines}) == 1, lines
+    assert lines[2].split() == ["baseline", "0.60", "-"]

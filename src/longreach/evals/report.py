@@ -37,9 +37,10 @@ def table(kind: str, records: list[dict]) -> str:
         return "\n".join(rows)
     value, fmt = ("perplexity", "8.2f") if kind == "perplexity" else ("accuracy", "8.2f")
     setups, lengths, cells = _grid(records, value)
+    width = max(18, *(len(s) for s in setups))
     rows = [f"{kind} ({value}; rows: setups, columns: lengths in tokens)",
-            f"{'setup':<18}" + "".join(f"{n:>9}" for n in lengths)]
-    rows += [f"{s:<18}" + "".join(f" {_format(cells.get((s, n)), fmt)}" for n in lengths) for s in setups]
+            f"{'setup':<{width}}" + "".join(f"{n:>9}" for n in lengths)]
+    rows += [f"{s:<{width}}" + "".join(f" {_format(cells.get((s, n)), fmt):>8}" for n in lengths) for s in setups]
     return "\n".join(rows)
 
 
