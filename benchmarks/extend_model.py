@@ -19,9 +19,10 @@ the un-tuned model too, in the same process. Lengths past ``--quadratic-limit`` 
 stops after two lengths in a row that scored nothing; ``--eval-lengths KIND=LENGTHS`` gives one evaluation its
 own lengths (e.g. ``passkey=8k,1m,4m``). Perplexity scores the same targets at every length (the last
 ``--window`` tokens of ``--samples`` segments of its longest length, cut from the shipped haystack texts or,
-with ``--heldout``, from the corpus' held-out split). Writes ``OUT/extend_model.json`` after every evaluation,
-and one plot per evaluation; ``--save`` also writes each tuned model (adapters merged) to ``OUT/NAME/model``,
-a checkpoint folder that ``--model`` of this script and of ``smollm2.py`` loads.
+with ``--heldout``, from the corpus' held-out split). Writes ``OUT/extend_model.json`` and one plot
+per evaluation after every cell (a cell that does not fit the GPU is kept under ``errors``); ``--save`` also
+writes each tuned model (adapters merged) to ``OUT/NAME/model``, a checkpoint folder that ``--model`` of this
+script and of ``smollm2.py`` loads.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from smollm2 import parse_setup  # the sibling script's NAME:key=value/... setup
 
 from longreach.cli import DTYPES, parse_lengths
 from longreach.evals import needle, passkey, perplexity, report, setups
+from longreach.evals.fit import shortfall
 from longreach.pretrained import load_pretrained
 from longreach.reference_model import haystack_texts
 from longreach.reference_model.corpus import read
@@ -109,29 +111,48 @@ def reaches(setup: str, length: int, args) -> bool:
 
 
 def evaluate(model, tokenizer, label: str, setup: str, factor_at: Callable[[int], float | None], options: dict,
-             args) -> dict:
-    """Records of each evaluation at each length the setup reaches; a retrieval evaluation stops after
-    two lengths in a row that scored nothing."""
-    found = {}
+             args, write: Callable[[str, list[dict]], None]) -> None:
+    """Each evaluation at each length the setup reaches, each cell's records passed to ``write(kind, rows)`` as
+    it is measured; a retrieval evaluation stops after two lengths in a row that scored nothing. A cell that
+    does not fit the GPU's memory is written as one row with its ``error`` and the next length is tried."""
     for kind in args.evals.split(","):
-        rows, zeros, lengths = [], 0, args.eval_lengths.get(kind, args.lengths)
+        zeros, lengths = 0, args.eval_lengths.get(kind, args.lengths)
         for length in (n for n in lengths if reaches(setup, n, args)):
             if zeros >= 2:
                 break
             setups.apply(model, setup, factor=factor_at(length), lengths=[length], options=options)
-            if kind == "passkey":
-                cell = passkey(model, tokenizer, [length], DEPTHS, trials=trials(args, length), batch_size=1,
-                               prefill_chunk=args.prefill_chunk)
-            elif kind == "needle":
-                cell = needle(model, tokenizer, [length], DEPTHS, texts=haystack_texts(), trials=trials(args, length),
-                              batch_size=1, prefill_chunk=args.prefill_chunk)
-            else:
-                cell = perplexity(model, tokenizer, [length], texts=perplexity_texts(args), window=args.window,
-                                  samples=args.samples, segment_length=max(lengths))
-            zeros = zeros + 1 if kind != "perplexity" and not any(r["correct"] for r in cell) else 0
-            rows += [{"factor": factor_at(length), **r} for r in cell]
-        found[kind] = [{"setup": label, "inference": setup, **r} for r in rows]
-    return found
+            try:
+                reason = kind != "perplexity" and no_room(model, length, args)
+                cell = [{"length": length, "error": reason}] if reason else measure(kind, model, tokenizer, length,
+                                                                                    lengths, args)
+            except torch.OutOfMemoryError as error:
+                torch.cuda.empty_cache()
+                cell = [{"length": length, "error": str(error).splitlines()[0]}]
+            zeros = zeros + 1 if kind != "perplexity" and not any(r.get("correct") for r in cell) else 0
+            write(kind, [{"setup": label, "inference": setup, "factor": factor_at(length), **r} for r in cell])
+
+
+def no_room(model, length: int, args) -> str | None:
+    """Why a retrieval prompt of ``length`` tokens would not fit the GPU's free memory now (other processes
+    may hold some), or None."""
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()  # this process' cached blocks count as taken in the driver's free memory
+    free = torch.cuda.mem_get_info(param.device)[0]
+    return shortfall(model.config, length, 1, args.prefill_chunk, param.element_size(), free)
+
+
+def measure(kind: str, model, tokenizer, length: int, lengths: list[int], args) -> list[dict]:
+    """One evaluation's records at one length."""
+    if kind == "passkey":
+        return passkey(model, tokenizer, [length], DEPTHS, trials=trials(args, length), batch_size=1,
+                       prefill_chunk=args.prefill_chunk)
+    if kind == "needle":
+        return needle(model, tokenizer, [length], DEPTHS, texts=haystack_texts(), trials=trials(args, length),
+                      batch_size=1, prefill_chunk=args.prefill_chunk)
+    return perplexity(model, tokenizer, [length], texts=perplexity_texts(args), window=args.window,
+                      samples=args.samples, segment_length=max(lengths))
 
 
 def eval_lengths(spec: str) -> tuple[str, list[int]]:
@@ -195,25 +216,29 @@ def main() -> None:
     stream = token_stream(tokenizer, (d["text"] for d in read(args.corpus / "train.jsonl.xz")))
     result = {"model": args.model, "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-              "training": {}, "records": {kind: [] for kind in args.evals.split(",")}}
+              "training": {}, "records": {kind: [] for kind in args.evals.split(",")}, "errors": []}
 
-    def write(found: dict) -> None:
-        for kind, rows in found.items():
-            result["records"][kind] += rows
+    def write(kind: str, rows: list[dict]) -> None:
+        failed = [r for r in rows if "error" in r]
+        result["errors"] += failed
+        result["records"][kind] += [r for r in rows if "error" not in r]
+        if result["records"][kind]:
             report.plot(kind, result["records"][kind], args.out / f"{kind}.png")
         result["seconds"] = time.time() - started
         (args.out / "extend_model.json").write_text(json.dumps(result, indent=1) + "\n")
+        for r in failed:
+            print(f"{r['setup']} {kind} at {r['length']}: {r['error']}", flush=True)
 
     for setup in filter(None, args.untuned.split(",")):
         model, tokenizer = load_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-        write(evaluate(model, tokenizer, f"untuned ({setup})", setup, lambda length: None, {}, args))
+        evaluate(model, tokenizer, f"untuned ({setup})", setup, lambda length: None, {}, args, write)
         del model
     for spec in args.runs.split(","):
         model, tokenizer, record = train(args, spec, stream)
         result["training"][spec.partition("=")[0]] = record
         print(spec, {k: v for k, v in record.items() if k != "curve"}, flush=True)
         setup, factor_at, options = inference_setup(args, spec, model.config.max_position_embeddings)
-        write(evaluate(model, tokenizer, f"tuned {spec.partition('=')[0]} ({setup})", setup, factor_at, options, args))
+        evaluate(model, tokenizer, f"tuned {spec.partition('=')[0]} ({setup})", setup, factor_at, options, args, write)
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
