@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from longreach.cli import main, parse_lengths, parse_options
+from longreach.cli import main, parse_lengths, parse_options, resolve_dtype
 from longreach.evals import prompts, report, setups
 from longreach.evals.efficiency import efficiency
 from longreach.evals.needle import needle
@@ -225,7 +225,15 @@ def test_cli_passkey_comparison_writes_table_json_and_plot(tmp_path):
     assert re.search(r"baseline\s+1\.00\s+0\.00", result.output)
     data = json.loads((tmp_path / "passkey.json").read_text())
     assert {r["setup"] for r in data["records"]} == {"baseline", "yarn"}
+    assert (data["device"], data["dtype"]) == ("cpu", "float32")
     assert (tmp_path / "passkey.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("dtype", "device", "expected"), [
+    (None, "cpu", "float32"), (None, "cuda", "bfloat16"), (None, "cuda:1", "bfloat16"),
+    ("float32", "cuda", "float32"), ("float16", "cpu", "float16")])
+def test_dtype_defaults_to_bfloat16_on_cuda_and_float32_elsewhere(dtype, device, expected):
+    assert resolve_dtype(dtype, device) == expected
 
 
 @pytest.mark.parametrize(("args", "message"), [
