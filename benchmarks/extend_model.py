@@ -28,6 +28,7 @@ script and of ``smollm2.py`` loads.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -163,12 +164,15 @@ def eval_lengths(spec: str) -> tuple[str, list[int]]:
     return kind, parse_lengths(lengths)
 
 
-def perplexity_texts(args) -> list[str]:
+def perplexity_texts(args) -> tuple[str, ...]:
     """The corpus' held-out split with ``--heldout`` (more text: more segments of a long length), else the
     shipped haystack texts."""
-    if args.heldout:
-        return [d["text"] for d in read(args.corpus / "heldout.jsonl.xz")]
-    return haystack_texts()
+    return documents(args.corpus / "heldout.jsonl.xz") if args.heldout else tuple(haystack_texts())
+
+
+@functools.cache
+def documents(path: Path) -> tuple[str, ...]:
+    return tuple(d["text"] for d in read(path))
 
 
 def trials(args, length: int) -> int:
