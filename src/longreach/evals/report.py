@@ -37,7 +37,7 @@ def table(kind: str, records: list[dict]) -> str:
         return "\n".join(rows)
     value, fmt = ("perplexity", "8.2f") if kind == "perplexity" else ("accuracy", "8.2f")
     setups, lengths, cells = _grid(records, value)
-    width = max(18, *(len(s) for s in setups))
+    width = max([18, *(len(s) for s in setups)])
     rows = [f"{kind} ({value}; rows: setups, columns: lengths in tokens)",
             f"{'setup':<{width}}" + "".join(f"{n:>9}" for n in lengths)]
     rows += [f"{s:<{width}}" + "".join(f" {_format(cells.get((s, n)), fmt):>8}" for n in lengths) for s in setups]
