@@ -28,18 +28,17 @@ script and of ``smollm2.py`` loads.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from smollm2 import parse_setup  # the sibling script's NAME:key=value/... setups
+from smollm2 import documents, parse_setup  # the sibling script's NAME:key=value/... setups and document reader
 
 from longreach.cli import DTYPES, parse_lengths
 from longreach.evals import needle, passkey, perplexity, report, setups
-from longreach.evals.fit import shortfall
+from longreach.evals.fit import does_not_fit
 from longreach.pretrained import load_pretrained
 from longreach.reference_model import haystack_texts
 from longreach.reference_model.corpus import read
@@ -136,12 +135,9 @@ def evaluate(model, tokenizer, label: str, setup: str, factor_at: Callable[[int]
 def no_room(model, length: int, args) -> str | None:
     """Why a retrieval prompt of ``length`` tokens would not fit the GPU's free memory now (other processes
     may hold some), or None."""
-    param = next(model.parameters())
-    if param.device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()  # this process' cached blocks count as taken in the driver's free memory
-    free = torch.cuda.mem_get_info(param.device)[0]
-    return shortfall(model.config, length, 1, args.prefill_chunk, param.element_size(), free)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # this process' cached blocks count as taken in the driver's free memory
+    return does_not_fit(model, length, 1, args.prefill_chunk)
 
 
 def measure(kind: str, model, tokenizer, length: int, lengths: list[int], args) -> list[dict]:
@@ -168,11 +164,6 @@ def perplexity_texts(args) -> tuple[str, ...]:
     """The corpus' held-out split with ``--heldout`` (more text: more segments of a long length), else the
     shipped haystack texts."""
     return documents(args.corpus / "heldout.jsonl.xz") if args.heldout else tuple(haystack_texts())
-
-
-@functools.cache
-def documents(path: Path) -> tuple[str, ...]:
-    return tuple(d["text"] for d in read(path))
 
 
 def trials(args, length: int) -> int:

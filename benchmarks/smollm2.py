@@ -21,6 +21,7 @@ it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -49,9 +50,15 @@ def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict
     if kind == "needle":
         return needle(model, tokenizer, [length], depths, texts=texts, trials=trials, batch_size=args.batch_size,
                       chat=args.chat, prefill_chunk=args.prefill_chunk)
-    texts = [d["text"] for d in read(args.perplexity_texts)] if args.perplexity_texts else texts
+    texts = documents(args.perplexity_texts) if args.perplexity_texts else texts
     return perplexity(model, tokenizer, [length], texts=texts, window=args.window, samples=args.samples,
                       segment_length=max(parse_lengths(args.lengths)))
+
+
+@functools.cache
+def documents(path: Path) -> tuple[str, ...]:
+    """The texts of a ``*.jsonl.xz`` of documents (a corpus split), read once per process."""
+    return tuple(d["text"] for d in read(path))
 
 
 def with_bos(tokenizer) -> None:

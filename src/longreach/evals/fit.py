@@ -38,13 +38,18 @@ def shortfall(config, length: int, batch: int, chunk: int | None, element_bytes:
             f"tokens) but the GPU has {free / GIB:.1f} GiB free: use {hint}a shorter length or a smaller batch")
 
 
-def check_fits(model, length: int, batch: int, chunk: int | None) -> None:
-    """Raise ValueError (:func:`shortfall`) before a prompt would run out of the CUDA device's free memory.
-    Nothing is checked on the CPU."""
+def does_not_fit(model, length: int, batch: int, chunk: int | None) -> str | None:
+    """Why a prompt would run out of the CUDA device's free memory now (:func:`shortfall`), or None; None on
+    the CPU, where nothing is checked."""
     param = next(model.parameters())
     if param.device.type != "cuda":
-        return
+        return None
     free = torch.cuda.mem_get_info(param.device)[0]
-    reason = shortfall(model.config, length, batch, chunk, param.element_size(), free)
+    return shortfall(model.config, length, batch, chunk, param.element_size(), free)
+
+
+def check_fits(model, length: int, batch: int, chunk: int | None) -> None:
+    """Raise ValueError (:func:`does_not_fit`) before a prompt would run out of the CUDA device's free memory."""
+    reason = does_not_fit(model, length, batch, chunk)
     if reason is not None:
         raise ValueError(reason)
