@@ -74,13 +74,14 @@ def train(args, spec: str, stream) -> tuple[torch.nn.Module, object, dict]:
     rows = Batches(tokenizer, stream, config.length, args.retrieval, config.seed)(args.steps * args.batch)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    history = finetune(prepare(model, config), rows, config, out=args.out / name, progress=False)
+    tuned = prepare(model, config)
+    history = finetune(tuned, rows, config, out=args.out / name, progress=False)
     record = {"spec": spec, "steps": len(history), "tokens": len(history) * args.batch * args.length,
               "seconds": sum(h["seconds"] for h in history),
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None,
               "first_loss": history[0]["loss"], "last_loss": sum(h["loss"] for h in history[-10:]) / len(history[-10:]),
               "curve": [{"step": h["step"], "loss": h["loss"], "factor": h["factor"]} for h in history]}
-    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    merged = tuned.merge_and_unload()  # the peft wrapper's: the base model alone keeps its LoRA layers unmerged
     merged.config.use_cache = True
     if args.save:
         merged.save_pretrained(args.out / name / "model")
