@@ -3,7 +3,9 @@
 Run on the device, e.g.:
 ``python benchmarks/selection_recall.py OUT --lengths 4k,8k,32k --setups select_merge,select_merge:score=minmax``
 
-For each setup (``select_merge`` with options, written as in ``benchmarks/smollm2.py``), length and depth,
+For each setup (``select_merge`` with options, or with a position scheme, written as in
+``benchmarks/smollm2.py``: ``select_merge+ntk:top_k=16``, whose factor is ceil(length / trained length), at most
+``--max-factor``), length and depth,
 ``--trials`` needle prompts (the ones ``longreach needle`` builds with the same seed) are answered twice by
 greedy decoding: as the setup selects, and with an oracle that adds the blocks holding the needle's key to
 every selection that may causally see them. While the setup selects, each call's block table is read:
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -27,9 +30,8 @@ from unittest import mock
 import torch
 from smollm2 import parse_setup  # the sibling script's NAME:key=value/... setups
 
-import longreach
 from longreach.cli import DTYPES, parse_lengths
-from longreach.evals import prompts
+from longreach.evals import prompts, setups
 from longreach.evals.retrieval import answered, greedy, haystack_ids
 from longreach.pretrained import load_pretrained
 from longreach.reference_model import haystack_texts
@@ -91,7 +93,8 @@ def answer(model, tokenizer, prompt: prompts.Prompt) -> tuple[bool, float]:
 
 def run(model, tokenizer, setup: str, length: int, depths: list[float], args) -> list[dict]:
     name, options = parse_setup(setup)
-    longreach.extend(model, attention=name, **options)
+    factor = min(args.max_factor, max(1, math.ceil(length / model.config.max_position_embeddings)))
+    setups.apply(model, name, factor=float(factor), lengths=[length], options=options)
     block = options.get("block_size", 64)
     documents = prompts.encode_documents(tokenizer, haystack_texts())
     separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)
@@ -142,6 +145,8 @@ def main() -> None:
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--trials", type=int, default=4, help="prompts per (length, depth)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-factor", type=float, default=16.0,
+                        help="a setup's rescaling factor is ceil(length / trained length), at most this")
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                         help="also answer with the needle's blocks added (--no-oracle halves the time)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
