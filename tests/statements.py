@@ -119,31 +119,35 @@ def block_score(qb, keys, score, part, values=None):
 
 
 def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="max", query_rows=8,
-                 per_head=True, representatives=4, vote="mean", score_distance=512, value_norm=False):
-    """Brute force: explicit block summaries, scores, top-k and merged positions, in loops."""
+                 per_head=True, representatives=4, vote="mean", score_distance=512, value_norm=False, shared=0):
+    """Brute force: explicit block summaries, scores, top-k and merged positions, in loops. With ``shared``,
+    that many picks of every selection (head, or kv group) are the blocks most often among the selections'
+    best two (ties to the lower block), the rest each selection's own best."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     group = h // hk
     first = lk - lq
     n_blocks = (lk - 1) // block + 1
+    units = list(range(h)) if per_head else [g * group for g in range(hk)]  # each selection's first head
     i, j = grids(lq, lk)
     mask = torch.zeros(b, h, lq, lk, dtype=torch.bool)
     qp = (i + 0 * j).expand(b, h, lq, lk).clone()
     kp = (j + 0 * i).expand(b, h, lq, lk).clone()
     for bi in range(b):
-        for hh in range(h):
-            g = hh // group
-            voters = [hh] if per_head else list(range(g * group, (g + 1) * group))
-            key_blocks = [k[bi, g, jb * block:(jb + 1) * block] for jb in range(n_blocks)]
-            value_blocks = [v[bi, g, jb * block:(jb + 1) * block] if value_norm else None for jb in range(n_blocks)]
-            for ib in range(first // block, n_blocks):
-                rows = [r for r in range(ib * block, (ib + 1) * block) if first <= r < lk]
+        for ib in range(first // block, n_blocks):
+            rows = [r for r in range(ib * block, (ib + 1) * block) if first <= r < lk]
+            forced = {jb for jb in range(ib + 1) if jb < sink or jb >= ib - local}
+            others = [jb for jb in range(ib + 1) if jb not in forced]
+            ranked = {}
+            for unit in units:
+                g = unit // group
+                voters = [unit] if per_head else list(range(g * group, (g + 1) * group))
+                key_blocks = [k[bi, g, jb * block:(jb + 1) * block] for jb in range(n_blocks)]
+                value_blocks = [v[bi, g, jb * block:(jb + 1) * block] if value_norm else None for jb in range(n_blocks)]
                 summary_rows = rows if query_rows is None else rows[-query_rows:]
                 qbars = [q[bi, m, [r - first for r in summary_rows]].mean(0) for m in voters]
                 if score_distance is not None:  # the summary turned as a query that far from the keys
                     qbars = [rope.rotate(qb[None], torch.tensor([score_distance]))[0] for qb in qbars]
-                forced = {jb for jb in range(ib + 1) if jb < sink or jb >= ib - local}
-                others = [jb for jb in range(ib + 1) if jb not in forced]
                 per_voter = [{jb: block_score(qb, key_blocks[jb], score, block // representatives,
                                               value_blocks[jb]) / math.sqrt(d)
                               for jb in others} for qb in qbars]
@@ -152,7 +156,16 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
                                                                              for x in s.values()) for jb in s}
                                  for s in per_voter]
                 score_of = {jb: sum(s[jb] for s in per_voter) / len(per_voter) for jb in others}
-                kept = forced | set(sorted(others, key=lambda jb: -score_of[jb])[:top_k])
+                ranked[unit] = sorted(others, key=lambda jb: -score_of[jb])
+            common = min(shared, top_k, n_blocks)
+            votes = {}
+            for order in ranked.values():
+                for jb in order[:min(2, top_k, n_blocks)]:
+                    votes[jb] = votes.get(jb, 0) + 1
+            common_blocks = set(sorted(votes, key=lambda jb: (-votes[jb], jb))[:common])
+            for hh in range(h):
+                unit = hh if per_head else hh // group * group
+                kept = forced | set(ranked[unit][:min(top_k, n_blocks) - common]) | common_blocks
                 merged = [t for jb in sorted(kept) for t in range(jb * block, min((jb + 1) * block, lk))]
                 rank = {t: n for n, t in enumerate(merged)}
                 for r in rows:

@@ -57,18 +57,20 @@ def test_select_merge_statement(shape, block, top_k, local, sink, mode):
 @SETTINGS
 @given(shapes(), st.sampled_from([8, 16]), st.integers(1, 3), st.sampled_from(SCORES),
        st.sampled_from([None, 1, 3]), st.booleans(), st.sampled_from([2, 4]), st.sampled_from(["mean", "softmax"]),
-       st.sampled_from([None, 0, 40]), st.booleans())
+       st.sampled_from([None, 0, 40]), st.booleans(), st.integers(0, 3))
 def test_select_merge_selection_options_statement(shape, block, top_k, score, query_rows, per_head, representatives,
-                                                  vote, score_distance, value_norm):
+                                                  vote, score_distance, value_norm, shared):
     q, k, v = tensors(shape)
     value_norm = value_norm and score == "max"
+    shared = min(shared, top_k)
     rope = rope_for(q.shape[-1])
     opts = dict(block_size=block, top_k=top_k, local=0, sink=1, score=score, query_rows=query_rows, per_head=per_head,
-                representatives=representatives, vote=vote, score_distance=score_distance, value_norm=value_norm)
+                representatives=representatives, vote=vote, score_distance=score_distance, value_norm=value_norm,
+                shared=shared)
     out = run("select_merge", q, k, v, rope, **opts)
     expected = ref.select_merge(q, k, v, rope, q.shape[-1] ** -0.5, block, top_k, 0, 1, "selected", score=score,
                                 query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
-                                score_distance=score_distance, value_norm=value_norm)
+                                score_distance=score_distance, value_norm=value_norm, shared=shared)
     torch.testing.assert_close(out, expected, **TOL)
 
 
@@ -264,6 +266,28 @@ def test_select_blocks_breaks_score_ties_by_the_lower_block():
     assert sorted(top_indices(scores.flip(-1), 3)[0].tolist()) == [1, 3, 5]  # 0.9 at 3 and 5, then 0.7 at 1
     many = torch.zeros(3, 1000)  # all tied: the first ones, whatever the shape
     assert (top_indices(many, 5).sort(-1).values == torch.arange(5)).all()
+
+
+def test_shared_blocks_reach_every_head():
+    from longreach.attention.select_merge import select_blocks
+
+    # Query block 5 of four heads scores key blocks 1-4 (block 0 is its sink) by these logits. Each head's best
+    # two are its votes: block 2 gets three (heads 0-2), the most, so with one shared pick of two it reaches
+    # every head, head 3 (which ranks it last) included, beside each head's own best.
+    logits = [[1.0, 5.0, 0.5, 0.0], [0.5, 5.0, 1.0, 0.0], [1.0, 3.5, 3.0, 4.0], [3.0, -1.0, 1.0, 4.0]]
+    d, block = 4, 4
+    q, k = torch.zeros(1, 4, 24, d), torch.zeros(1, 4, 24, d)
+    q[0, :, 20:, 0] = 1.0
+    for head, row in enumerate(logits):
+        for jb, logit in enumerate(row, start=1):
+            k[0, head, jb * block, 0] = logit * d**0.5
+    opts = dict(block_size=block, top_k=2, local=0, sink=1, score="max", query_rows=None, per_head=True,
+                score_distance=None)
+    assert select_blocks(q, k, **opts)[0, :, 5].tolist() == [[0, 1, 2, 5], [0, 2, 3, 5], [0, 2, 4, 5], [0, 1, 4, 5]]
+    table = select_blocks(q, k, shared=1, **opts)[0, :, 5]
+    assert table.tolist() == [[0, 2, 5, -1], [0, 2, 5, -1], [0, 2, 4, 5], [0, 2, 4, 5]]
+    with pytest.raises(ValueError, match="shared must be in 0..top_k"):
+        select_blocks(q, k, shared=3, **opts)
 
 
 @pytest.mark.parametrize("name", ["s2", "sf"])

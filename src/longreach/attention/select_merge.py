@@ -18,7 +18,9 @@ longreach's definition of the parts the paper's text did not settle (each an opt
   of largest output share exp(logit) |v| rather than largest logit: keys that draw attention as a
   no-op (sink-like tokens, whose values are small) stop outranking the ones that carry content.
   Turning the summary scores a block as attention would see it that far away (InfLLM gives all
-  distant memory one distance); un-rotated, the high-frequency channels add noise;
+  distant memory one distance); un-rotated, the high-frequency channels add noise; with ``shared``,
+  that many of the ``top_k`` picks are common to the layer's heads (the blocks most heads rank among
+  their best two), so a block that a few retrieval heads find reaches every head;
 - each query block keeps its ``top_k`` best key blocks plus its own block, the ``local`` blocks
   before it and the first ``sink`` blocks;
 - merge: the kept blocks, in original order, form one sequence attended with one softmax
@@ -31,6 +33,9 @@ In decoding the query-block summary is over the query rows present in the call.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -183,6 +188,33 @@ def top_indices(scores: Tensor, take: int) -> Tensor:
     return torch.where(chosen, rank, 0.0).topk(take, dim=-1).indices
 
 
+SHARED_VOTES = 2  # each selection's best blocks that count as its votes for the shared ones
+
+
+def _finite_top(scores: Tensor, take: int) -> Tensor:
+    """:func:`top_indices` of masked ``scores`` (..., n), a pick without a finite score replaced by n."""
+    best = top_indices(scores, take)
+    return torch.where(torch.isfinite(scores.gather(-1, best)), best, scores.shape[-1])
+
+
+def _with_shared(best: Callable[[int], Tensor], take: int, shared: int, n_k: int) -> Tensor:
+    """Picks (b, s, rows, take) of s selections (heads or kv groups) from ``best(n)``, each selection's n best
+    blocks (b, s, rows, n), n_k where none is left: each selection's best ``take - shared``, then the ``shared``
+    blocks found most often among the selections' best :data:`SHARED_VOTES` (ties to the lower block; none
+    where no block has a vote), which all s selections keep."""
+    shared = min(shared, take)
+    if not shared:
+        return best(take)
+    votes = best(min(SHARED_VOTES, take))
+    b, s, rows, _ = votes.shape
+    counts = torch.zeros(b, rows, n_k + 1, device=votes.device)
+    ballots = votes.transpose(1, 2).flatten(2)
+    counts.scatter_add_(-1, ballots, torch.ones_like(ballots, dtype=counts.dtype))
+    common = _finite_top(counts[..., :n_k].masked_fill(counts[..., :n_k] == 0, float("-inf")), shared)
+    common = common[:, None].expand(b, s, rows, shared)
+    return common if take == shared else torch.cat([best(take - shared), common], -1)
+
+
 def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, part: int, fused: bool,
                   first_block: int) -> Tensor:
     if not fused:
@@ -198,7 +230,7 @@ def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_bloc
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
                   query_rows: int | None = None, per_head: bool = False, representatives: int = 4,
                   vote: str = "mean", rope: Rope | None = None, score_distance: int | None = None,
-                  v: Tensor | None = None, causal: bool = True) -> Tensor:
+                  v: Tensor | None = None, causal: bool = True, shared: int = 0) -> Tensor:
     """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending.
 
     q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. Each query
@@ -211,11 +243,15 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     (``score="max"`` only), each key's logit gains log |v| (:func:`value_logits`). Scores are formed for a
     bounded number of query blocks at a time,
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
+    With ``shared`` > 0, ``shared`` of the ``top_k`` picks are common to all the layer's selections (heads, or
+    kv groups): the blocks that most of them count among their best :data:`SHARED_VOTES` (:func:`_with_shared`).
     With ``causal=False`` q and k are separate sequences (non-causal self or cross attention): query block
     i is rows i*B.. of q, every key block is a candidate, and the forced blocks are the first ``sink`` and
     those within ``local`` of index i on either side; K = sink + top_k + 2 local + 1.
     """
     group = check_shapes(q, k, k if v is None else v, causal)
+    if not 0 <= shared <= top_k:
+        raise ValueError(f"select_merge: shared must be in 0..top_k ({top_k}), got {shared}")
     if v is not None and score != "max":
         raise ValueError(f"select_merge: value_norm weighs each key by its value, so it needs score='max', "
                          f"got {score!r}")
@@ -249,7 +285,9 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
                                first // block_size + lo if causal else n_k)
         if fused_top:  # the kernel masks the non-candidates itself
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
-            picked[:, :, lo : lo + rows, :take] = _top_blocks(scores, take, first // block_size + lo, sink, local)
+            best = functools.partial(_top_blocks, scores, first_block=first // block_size + lo,
+                                     sink=sink, local=local)
+            picked[:, :, lo : lo + rows, :take] = _with_shared(best, take, shared, n_k)
             continue
         if causal:
             candidate = (key_block >= sink) & (key_block < q_block[lo : lo + rows] - local)
@@ -263,10 +301,13 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             scores = scores.masked_fill(~candidate, float("-inf"))
         else:
             scores = scores.mean(2)
-        best = top_indices(scores, take)
-        picked[:, :, lo : lo + rows, :take] = torch.where(torch.isfinite(scores.gather(-1, best)), best, n_k)
+        picked[:, :, lo : lo + rows, :take] = _with_shared(functools.partial(_finite_top, scores), take, shared, n_k)
     forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
     table = torch.cat([forced, picked], dim=-1).sort(dim=-1).values
+    if shared:  # a shared block may also be a head's own pick
+        repeated = torch.cat([torch.zeros_like(table[..., :1], dtype=torch.bool),
+                              table[..., 1:] == table[..., :-1]], -1)
+        table = torch.where(repeated, n_k, table).sort(dim=-1).values
     table = torch.where(table < n_k, table, -1)
     return table if per_head else table.repeat_interleave(group, dim=1)
 
@@ -312,11 +353,13 @@ def select_merge(
     score_distance: int | None = 512,
     value_norm: bool = False,
     train_length: int | None = None,
+    shared: int = 0,
 ) -> Tensor:
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
 
-    ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote``, ``score_distance`` and ``value_norm``
-    choose how blocks are selected (:func:`select_blocks`, turning the summaries with the merged positions' rotary).
+    ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote``, ``score_distance``, ``value_norm`` and
+    ``shared`` choose how blocks are selected (:func:`select_blocks`, turning the summaries with the merged
+    positions' rotary).
     With ``position_mode="selected"``, a merged span that may exceed
     ``train_length`` (the model's trained length) has its positions linearly interpolated into it.
     """
@@ -325,7 +368,7 @@ def select_merge(
         rope = merged_rope(require_rope(rope, "select_merge"), (sink + top_k + local + 1) * block_size, train_length)
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
                            query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
-                           rope=rope, score_distance=score_distance, v=v if value_norm else None)
+                           rope=rope, score_distance=score_distance, v=v if value_norm else None, shared=shared)
     if kernels.use_kernel(q, positions, block_size):
         return kernels.sparse_attention(q, k, v, blocks, positions=positions, rope=rope, block_size=block_size,
                                     scale=scale, merged_positions=position_mode == "selected")
@@ -339,7 +382,7 @@ def select_merge(
 def noncausal_select_merge(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, block_size: int = 64,
                            top_k: int = 8, local: int = 2, sink: int = 1, score: str = "max",
                            query_rows: int | None = 8, per_head: bool = True, representatives: int = 4,
-                           vote: str = "mean") -> Tensor:
+                           vote: str = "mean", shared: int = 0) -> Tensor:
     """Select-and-merge without causality, for non-causal self attention and cross attention (CAB's
     other patterns). q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
 
@@ -353,7 +396,7 @@ def noncausal_select_merge(q: Tensor, k: Tensor, v: Tensor, *, scale: float | No
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
                            query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
-                           causal=False)
+                           causal=False, shared=shared)
     if kernels.enabled(q) and kernels.supports(q, block_size):
         from ..kernels.block_sparse import block_sparse_attention
 
