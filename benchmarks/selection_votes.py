@@ -1,0 +1,102 @@
+"""Would blocks shared by a layer's heads reach the needle more often? Recall of select_merge's `shared` option,
+simulated from each (layer, head)'s ranking of the key blocks on needle prompts.
+
+    python benchmarks/selection_votes.py OUT --lengths 8k,32k --depths 0.1,0.5,0.9 [--shared 2,4]
+
+For each needle prompt (the ones ``longreach needle`` builds, seed 0), one prefill under select_merge's defaults;
+at every layer the prompt's last query block's scores (:func:`select_blocks`'s default score, from the library's
+own summary and score functions) rank the candidate key blocks per query head, and the best 32 are kept. Recall is
+the share of (layer, head) pairs whose kept blocks hold a block of the needle's key: each head's best ``top_k``
+(the default), or its best ``top_k - c`` plus the ``c`` blocks most often among the heads' best two (``shared=c``).
+Writes ``OUT/selection_votes.json`` (the rankings and the recalls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import inspect
+import json
+import random
+from pathlib import Path
+from unittest import mock
+
+import torch
+from selection_recall import SELECT, key_blocks, select_blocks  # the library function, before any patch
+
+import longreach
+from longreach.cli import parse_lengths
+from longreach.evals import prompts
+from longreach.evals.retrieval import haystack_ids
+from longreach.pretrained import load_pretrained
+from longreach.reference_model import haystack_texts
+
+BLOCK, TOP_K, KEPT = 64, 8, 32
+DEFAULTS = {name: param.default for name, param in inspect.signature(SELECT.select_merge).parameters.items()}
+
+
+class Ranking:
+    """Stands in for ``select_blocks``: selects as it does and records the last query block's best KEPT blocks."""
+
+    def __init__(self):
+        self.layers = []
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, **options) -> torch.Tensor:
+        b, h, length, d = q.shape
+        n_k = -(-length // BLOCK)
+        q_bar = SELECT.block_means(q[:, :, (n_k - 1) * BLOCK:], BLOCK, 0, DEFAULTS["query_rows"])
+        q_bar = options["rope"].rotate(q_bar, q_bar.new_full((1,), DEFAULTS["score_distance"]))
+        summary = SELECT.key_summary(k, BLOCK, DEFAULTS["score"], DEFAULTS["representatives"])
+        group = h // k.shape[1]
+        scores = SELECT.block_scores(q_bar.view(b, k.shape[1], group, 1, d), summary, DEFAULTS["score"], n_k,
+                                     BLOCK)[0].flatten(0, 1)[:, 0]
+        candidate = torch.arange(n_k) >= DEFAULTS["sink"]
+        candidate &= torch.arange(n_k) < n_k - 1 - DEFAULTS["local"]
+        self.layers.append(scores.masked_fill(~candidate, float("-inf")).topk(KEPT, -1).indices.tolist())
+        return select_blocks(q, k, **options)
+
+
+def recall(layers: list, needle: set, shared: int) -> float:
+    hits = total = 0
+    for heads in layers:
+        votes = collections.Counter(block for ranked in heads for block in ranked[:2])
+        common = {block for block, _ in sorted(votes.items(), key=lambda x: (-x[1], x[0]))[:shared]}
+        for ranked in heads:
+            hits += bool(needle & (set(ranked[:TOP_K - shared]) | common))
+            total += 1
+    return hits / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--lengths", type=parse_lengths, default=[8192])
+    parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--shared", default="2,4")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device=device)
+    longreach.extend(model, attention="select_merge")
+    documents = prompts.encode_documents(tokenizer, haystack_texts())
+    separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)
+    args.out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for length in args.lengths:
+        for depth in [float(x) for x in args.depths.split(",")]:
+            rng = random.Random(f"0/{length}/{depth}")
+            prompt = prompts.needle(tokenizer, length, depth, rng, haystack_ids(documents, length, rng, separator))
+            ranking, needle = Ranking(), key_blocks(tokenizer, prompt, BLOCK)
+            with mock.patch.object(SELECT, "select_blocks", ranking), torch.no_grad():
+                model(torch.tensor([prompt.ids], device=device), use_cache=False, logits_to_keep=1)
+            shares = [0] + [int(c) for c in args.shared.split(",")]
+            row = {"length": length, "depth": depth, "needle_blocks": needle,
+                   "recall": {f"shared={c}": recall(ranking.layers, set(needle), c) for c in shares}}
+            print(row, flush=True)
+            records.append({**row, "rankings": ranking.layers})
+            (args.out / "selection_votes.json").write_text(json.dumps({"model": args.model, "device": device,
+                                                                       "records": records}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
