@@ -168,7 +168,8 @@ def measure(fn, inputs, grad) -> dict:
 
 
 def kernel_times(fn, inputs, grad, steps: int = 5) -> dict:
-    """Per-step device ms of longreach's Triton kernels alone, from the profiler's kernel events."""
+    """Per-step device ms of longreach's Triton kernels alone, from the profiler's kernel events: forward, the
+    sum of all, and each kernel's (the backward's dQ against its dK/dV)."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn(*inputs).backward(grad)
@@ -176,8 +177,9 @@ def kernel_times(fn, inputs, grad, steps: int = 5) -> dict:
                 x.grad = None
         torch.cuda.synchronize()
     times = {e.key: e.device_time_total / steps / 1e3 for e in prof.key_averages()}
-    kernels = ("_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_turn_kernel")
-    return {"kernel_fwd_ms": times["_fwd_kernel"], "kernel_fwdbwd_ms": sum(times.get(n, 0.0) for n in kernels)}
+    kernels = {n: times.get(n, 0.0) for n in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel", "_turn_kernel")}
+    return {"kernel_fwd_ms": times["_fwd_kernel"], "kernel_fwdbwd_ms": sum(kernels.values()),
+            "kernels_ms": {n.strip("_"): ms for n, ms in kernels.items()}}
 
 
 def framed_flops(name: str, q) -> float:
