@@ -69,6 +69,8 @@ def worker(rank: int, size: int, port: int, folder: str, failures) -> None:
             if name in DECODED:
                 longreach.extend(model, attention=name, **options)
                 prefill_and_decode_match(model, name, options, sp, ids, label)
+        # Every rank's collectives done before teardown: gloo work still held at exit aborts the process.
+        dist.barrier()
     except Exception as error:  # reported to the test, which runs in the parent
         failures.put(f"rank {rank}: {error}")
         raise
