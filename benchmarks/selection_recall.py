@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -93,8 +92,8 @@ def answer(model, tokenizer, prompt: prompts.Prompt) -> tuple[bool, float]:
 
 def run(model, tokenizer, setup: str, length: int, depths: list[float], args) -> list[dict]:
     name, options = parse_setup(setup)
-    factor = min(args.max_factor, max(1, math.ceil(length / model.config.max_position_embeddings)))
-    setups.apply(model, name, factor=float(factor), lengths=[length], options=options)
+    setups.apply(model, name, factor=min(args.max_factor, setups.factor_for(model, [length])), lengths=[length],
+                 options=options)
     block = options.get("block_size", 64)
     documents = prompts.encode_documents(tokenizer, haystack_texts())
     separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)

@@ -7,14 +7,14 @@ For each needle prompt (the ones ``longreach needle`` builds, seed 0), one prefi
 at every layer the prompt's last query block's scores (:func:`select_blocks`'s default score, from the library's
 own summary and score functions) rank the candidate key blocks per query head, and the best 32 are kept. Recall is
 the share of (layer, head) pairs whose kept blocks hold a block of the needle's key: each head's best ``top_k``
-(the default), or its best ``top_k - c`` plus the ``c`` blocks most often among the heads' best two (``shared=c``).
+(the default), or, as the library picks them (``select_merge.with_shared``), its best ``top_k - c`` plus the ``c``
+blocks most often among the heads' best two (``shared=c``).
 Writes ``OUT/selection_votes.json`` (the rankings and the recalls).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import inspect
 import json
 import random
@@ -56,15 +56,12 @@ class Ranking:
         return select_blocks(q, k, **options)
 
 
-def recall(layers: list, needle: set, shared: int) -> float:
-    hits = total = 0
-    for heads in layers:
-        votes = collections.Counter(block for ranked in heads for block in ranked[:2])
-        common = {block for block, _ in sorted(votes.items(), key=lambda x: (-x[1], x[0]))[:shared]}
-        for ranked in heads:
-            hits += bool(needle & (set(ranked[:TOP_K - shared]) | common))
-            total += 1
-    return hits / total
+def recall(layers: list, needle: list[int], shared: int) -> float:
+    """Share of (layer, head) pairs whose picks (:func:`with_shared`'s, from their rankings) hold a needle block."""
+    rankings = torch.tensor(layers)[:, None, :, None]  # (layers, 1, heads, 1, KEPT): a batch per layer
+    n_k = int(rankings.max()) + 1
+    picks = [SELECT.with_shared(lambda n, r=r: r[..., :n], TOP_K, shared, n_k) for r in rankings]
+    return torch.isin(torch.stack(picks), torch.tensor(needle)).any(-1).double().mean().item()
 
 
 def main() -> None:
@@ -91,7 +88,7 @@ def main() -> None:
                 model(torch.tensor([prompt.ids], device=device), use_cache=False, logits_to_keep=1)
             shares = [0] + [int(c) for c in args.shared.split(",")]
             row = {"length": length, "depth": depth, "needle_blocks": needle,
-                   "recall": {f"shared={c}": recall(ranking.layers, set(needle), c) for c in shares}}
+                   "recall": {f"shared={c}": recall(ranking.layers, needle, c) for c in shares}}
             print(row, flush=True)
             records.append({**row, "rankings": ranking.layers})
             (args.out / "selection_votes.json").write_text(json.dumps({"model": args.model, "device": device,

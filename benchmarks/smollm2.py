@@ -107,7 +107,6 @@ def main() -> None:
     if args.bos:
         with_bos(tokenizer)
     texts = haystack_texts()
-    trained = model.config.max_position_embeddings
     path = args.out / f"{args.eval}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -115,7 +114,7 @@ def main() -> None:
     records: list[dict] = json.loads(path.read_text())["records"] if path.exists() else []
     zeros: dict[str, int] = {}
     for length in parse_lengths(args.lengths):
-        factor = float(min(args.max_factor, max(1, math.ceil(length / trained))))
+        factor = min(args.max_factor, setups.factor_for(model, [length]))
         for spec in args.setups.split(","):
             name, options = parse_setup(spec)
             if (zeros.get(spec, 0) >= 2 and not args.every_length) or time.time() - started > args.budget:

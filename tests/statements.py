@@ -134,6 +134,9 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
     qp = (i + 0 * j).expand(b, h, lq, lk).clone()
     kp = (j + 0 * i).expand(b, h, lq, lk).clone()
     for bi in range(b):
+        key_blocks = [[k[bi, g, jb * block:(jb + 1) * block] for jb in range(n_blocks)] for g in range(hk)]
+        value_blocks = [[v[bi, g, jb * block:(jb + 1) * block] if value_norm else None for jb in range(n_blocks)]
+                        for g in range(hk)]
         for ib in range(first // block, n_blocks):
             rows = [r for r in range(ib * block, (ib + 1) * block) if first <= r < lk]
             forced = {jb for jb in range(ib + 1) if jb < sink or jb >= ib - local}
@@ -142,14 +145,12 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
             for unit in units:
                 g = unit // group
                 voters = [unit] if per_head else list(range(g * group, (g + 1) * group))
-                key_blocks = [k[bi, g, jb * block:(jb + 1) * block] for jb in range(n_blocks)]
-                value_blocks = [v[bi, g, jb * block:(jb + 1) * block] if value_norm else None for jb in range(n_blocks)]
                 summary_rows = rows if query_rows is None else rows[-query_rows:]
                 qbars = [q[bi, m, [r - first for r in summary_rows]].mean(0) for m in voters]
                 if score_distance is not None:  # the summary turned as a query that far from the keys
                     qbars = [rope.rotate(qb[None], torch.tensor([score_distance]))[0] for qb in qbars]
-                per_voter = [{jb: block_score(qb, key_blocks[jb], score, block // representatives,
-                                              value_blocks[jb]) / math.sqrt(d)
+                per_voter = [{jb: block_score(qb, key_blocks[g][jb], score, block // representatives,
+                                              value_blocks[g][jb]) / math.sqrt(d)
                               for jb in others} for qb in qbars]
                 if vote == "softmax":  # each head's softmax over the candidates, summed
                     per_voter = [{jb: math.exp(s[jb] - max(s.values())) / sum(math.exp(x - max(s.values()))

@@ -197,7 +197,7 @@ def _finite_top(scores: Tensor, take: int) -> Tensor:
     return torch.where(torch.isfinite(scores.gather(-1, best)), best, scores.shape[-1])
 
 
-def _with_shared(best: Callable[[int], Tensor], take: int, shared: int, n_k: int) -> Tensor:
+def with_shared(best: Callable[[int], Tensor], take: int, shared: int, n_k: int) -> Tensor:
     """Picks (b, s, rows, take) of s selections (heads or kv groups) from ``best(n)``, each selection's n best
     blocks (b, s, rows, n), n_k where none is left: each selection's best ``take - shared``, then the ``shared``
     blocks found most often among the selections' best :data:`SHARED_VOTES` (ties to the lower block; none
@@ -244,7 +244,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     bounded number of query blocks at a time,
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
     With ``shared`` > 0, ``shared`` of the ``top_k`` picks are common to all the layer's selections (heads, or
-    kv groups): the blocks that most of them count among their best :data:`SHARED_VOTES` (:func:`_with_shared`).
+    kv groups): the blocks that most of them count among their best :data:`SHARED_VOTES` (:func:`with_shared`).
     With ``causal=False`` q and k are separate sequences (non-causal self or cross attention): query block
     i is rows i*B.. of q, every key block is a candidate, and the forced blocks are the first ``sink`` and
     those within ``local`` of index i on either side; K = sink + top_k + 2 local + 1.
@@ -287,7 +287,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
             best = functools.partial(_top_blocks, scores, first_block=first // block_size + lo,
                                      sink=sink, local=local)
-            picked[:, :, lo : lo + rows, :take] = _with_shared(best, take, shared, n_k)
+            picked[:, :, lo : lo + rows, :take] = with_shared(best, take, shared, n_k)
             continue
         if causal:
             candidate = (key_block >= sink) & (key_block < q_block[lo : lo + rows] - local)
@@ -301,7 +301,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             scores = scores.masked_fill(~candidate, float("-inf"))
         else:
             scores = scores.mean(2)
-        picked[:, :, lo : lo + rows, :take] = _with_shared(functools.partial(_finite_top, scores), take, shared, n_k)
+        picked[:, :, lo : lo + rows, :take] = with_shared(functools.partial(_finite_top, scores), take, shared, n_k)
     forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
     table = torch.cat([forced, picked], dim=-1).sort(dim=-1).values
     if shared:  # a shared block may also be a head's own pick
