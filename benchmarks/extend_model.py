@@ -49,7 +49,7 @@ from longreach.train.loop import CLEX_STATE
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 TRAINING_ONLY = ("s2", "sf")
-CONFIG_KEYS = ("max_factor", "factor", "lora_rank", "learning_rate", "clex_learning_rate")
+CONFIG_KEYS = ("max_factor", "factor", "lora_rank", "learning_rate", "clex_learning_rate", "clex_start")
 
 
 def parse_run(spec: str) -> tuple[str, str, str | None, dict]:

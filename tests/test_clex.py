@@ -7,7 +7,7 @@ import torch
 import longreach
 from longreach.clex import Clex, Dynamics, rk4
 from longreach.models import tiny_model
-from longreach.positions import default_inv_freq, ntk
+from longreach.positions import default_inv_freq, ntk, yarn
 
 DIM, BASE = 16, 10000.0
 
@@ -23,6 +23,22 @@ def test_t1_is_the_models_own_rope_and_untrained_dynamics_follow_ntk():
     for t in (2, 3.5, 8):
         # W_down starts at zero: dz/dt is d/dt log of NTK frequencies with alpha = 2t - 1.
         torch.testing.assert_close(clex.frequencies(t), ntk(DIM, BASE, 2 * t - 1).inv_freq, rtol=1e-5, atol=0)
+
+
+def test_untrained_dynamics_from_yarn_follow_yarns_frequencies(tmp_path):
+    clex = scheme(start="yarn")
+    assert torch.equal(clex.frequencies(1), default_inv_freq(DIM, BASE))
+    ramp = clex.dynamics.ramp
+    assert ramp.min() == 0 and ramp.max() == 1  # some pairs kept, some interpolated
+    for t in (2, 3.5, 8):
+        torch.testing.assert_close(clex.frequencies(t), yarn(DIM, BASE, t, 64).inv_freq, rtol=1e-5, atol=0)
+    torch.nn.init.normal_(clex.dynamics.down, std=0.1)
+    clex.save(tmp_path / "clex.pt")
+    loaded = Clex.load(tmp_path / "clex.pt", default_inv_freq(DIM, BASE))
+    assert loaded.settings()["start"] == "yarn"
+    torch.testing.assert_close(loaded.frequencies(5), clex.frequencies(5))
+    with pytest.raises(ValueError, match=r"start must be one of \('ntk', 'yarn'\)"):
+        scheme(start="linear")
 
 
 def test_rk4_against_closed_form_and_a_fine_step_reference():

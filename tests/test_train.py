@@ -114,6 +114,12 @@ def test_adapters_start_from_the_seed():
     assert not any(torch.equal(first[n], other[n]) for n in first)
 
 
+def test_clex_start_reaches_the_trained_scheme():
+    _, peft_model, _ = _run("dense", "clex", steps=1, max_factor=4, clex_start="yarn")
+    clex = peft_model.get_base_model().model.clex
+    assert clex.settings()["start"] == "yarn" and clex.dynamics.ramp.max() == 1
+
+
 def test_clex_learning_rate_steps_the_dynamics_apart_from_the_adapters():
     _, peft_model, history = _run("dense", "clex", steps=1, max_factor=4, clex_learning_rate=1e-5)
     clex = peft_model.get_base_model().model.clex
@@ -132,7 +138,10 @@ def test_clex_learning_rate_steps_the_dynamics_apart_from_the_adapters():
                                                  ({"clex_learning_rate": 1e-5}, "applies to position='clex' only"),
                                                  ({"shard_weights": True}, "shard_weights .* needs sequence_parallel"),
                                                  ({"position": "clex", "attention": "dense", "clex_learning_rate": 0},
-                                                  "clex_learning_rate must be > 0")])
+                                                  "clex_learning_rate must be > 0"),
+                                                 ({"clex_start": "yarn"}, "clex_start applies to position='clex'"),
+                                                 ({"position": "clex", "attention": "dense", "clex_start": "linear"},
+                                                  r"clex_start must be one of \('ntk', 'yarn'\)")])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FinetuneConfig(**({"length": 64, "steps": 1} | kwargs))

@@ -4,15 +4,18 @@ The rotary log-frequencies z follow an ordinary differential equation in the len
 
     dz/dt = f(z, t) = act((z + log w(t)) W_up) W_down + d/dt log w(t),    z(1) = log(model's frequencies),
 
-where w(t) are NTK-scaled frequencies with alpha = 2t - 1 (the authors' time embedding). W_down starts
-at zero, so an untrained scheme follows NTK scaling exactly and t = 1 is the model's own RoPE; training
-learns the deviation. The equation is solved with fixed-step fourth-order Runge-Kutta, steps of 0.1 in t
-(the authors use torchdiffeq's rk4 with 0.01: in float32 both land within rounding, 4e-4 in z, of a
-0.001-step solution, even for dynamics that moved far from their start, and 0.01 made a fine-tuning
-step 4.4 times yarn's). During fine-tuning each forward draws an integer t in [1, max_factor]
-and spreads the sequence's tokens over positions [0, length * t) (sorted, distinct, first and last
-included) with frequencies z(t) divided by length / trained length; at inference t = ceil(L / trained
-length), capped at max_factor, and integer positions.
+where w(t) are NTK-scaled frequencies with alpha = 2t - 1 (the authors' time embedding; ``start="ntk"``)
+or, with ``start="yarn"``, YaRN's NTK-by-parts frequencies at factor t (eqs. 17-20 of Peng et al.:
+w_i(t) = theta_i ((1 - gamma_i) + gamma_i / t)), which divide every pair that does not complete a
+rotation within the trained length by t, where NTK's alpha = 2t - 1 divides some of them by less. W_down
+starts at zero, so an untrained scheme follows its start exactly and t = 1 is the model's own RoPE;
+training learns the deviation. The equation is solved with fixed-step fourth-order Runge-Kutta, steps of
+0.1 in t (the authors use torchdiffeq's rk4 with 0.01: in float32 both land within rounding, 4e-4 in z,
+of a 0.001-step solution, even for dynamics that moved far from their start, and 0.01 made a fine-tuning
+step 4.4 times yarn's). During fine-tuning each forward draws an integer t in [1, max_factor] and
+spreads the sequence's tokens over positions [0, length * t) (sorted, distinct, first and last included)
+with frequencies z(t) divided by length / trained length; at inference t = ceil(L / trained length),
+capped at max_factor, and integer positions.
 """
 
 from __future__ import annotations
@@ -25,24 +28,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .positions import Rope, check_length
+from .positions import Rope, check_length, yarn_ramp
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"tanh": torch.tanh, "silu": F.silu}
+STARTS = ("ntk", "yarn")
 
 
 class Dynamics(nn.Module):
     """f(z, t) of the module docstring for frequencies of a head of ``dim`` and RoPE ``base``; the hidden
-    layer has ``width`` x dim units (the authors' ``param_factor``)."""
+    layer has ``width`` x dim units (the authors' ``param_factor``); w(t) from ``start`` (YaRN's ramp needs
+    the model's ``trained_length``)."""
 
-    def __init__(self, dim: int, base: float, width: int = 1, activation: str = "tanh"):
+    def __init__(self, dim: int, base: float, width: int = 1, activation: str = "tanh", start: str = "ntk",
+                 trained_length: int | None = None):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"clex: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if start not in STARTS:
+            raise ValueError(f"clex: start must be one of {STARTS}, got {start!r}")
+        if start == "yarn" and trained_length is None:
+            raise ValueError("clex: start='yarn' needs the model's trained_length")
         check_length(width, "width")
-        self.dim, self.base, self.activation = dim, base, activation
+        self.dim, self.base, self.activation, self.start = dim, base, activation, start
         self.up = nn.Parameter(torch.empty(dim // 2, width * dim))
         self.down = nn.Parameter(torch.zeros(width * dim, dim // 2))
         nn.init.kaiming_uniform_(self.up, a=math.sqrt(5))
+        ramp = yarn_ramp(dim, base, trained_length) if start == "yarn" else torch.zeros(dim // 2)
+        self.register_buffer("ramp", ramp, persistent=False)
 
     def ntk(self, t: float) -> tuple[Tensor, Tensor]:
         """log w(t) and d/dt log w(t) (each (dim/2,)): w_i = (base alpha^(d/(d-2)))^(-2i/d), alpha = 2t - 1."""
@@ -51,8 +63,15 @@ class Dynamics(nn.Module):
         log_w = -(index / self.dim) * math.log(self.base) - index / (self.dim - 2) * math.log(alpha)
         return log_w, -index / (self.dim - 2) * 2.0 / alpha
 
+    def yarn(self, t: float) -> tuple[Tensor, Tensor]:
+        """log w(t) and d/dt log w(t): w_i = theta_i ((1 - gamma_i) + gamma_i / t), gamma YaRN's ramp."""
+        index = torch.arange(0, self.dim, 2, dtype=torch.float32, device=self.up.device)
+        ramp = self.ramp.float()  # a model cast to 16 bits casts the buffer too
+        share = (1 - ramp) + ramp / t
+        return -(index / self.dim) * math.log(self.base) + share.log(), -ramp / (t * t * share)
+
     def forward(self, t: float, z: Tensor) -> Tensor:
-        log_w, slope = self.ntk(t)
+        log_w, slope = self.ntk(t) if self.start == "ntk" else self.yarn(t)
         return ACTIVATIONS[self.activation]((z + log_w) @ self.up.float()) @ self.down.float() + slope
 
 
@@ -84,14 +103,14 @@ class Clex(nn.Module):
     """
 
     def __init__(self, inv_freq: Tensor, base: float, trained_length: int, max_factor: int = 16, *, width: int = 1,
-                 activation: str = "tanh", step: float = 0.1):
+                 activation: str = "tanh", step: float = 0.1, start: str = "ntk"):
         super().__init__()
         check_length(trained_length, "trained_length")
         if isinstance(max_factor, bool) or int(max_factor) != max_factor or max_factor < 1:
             raise ValueError(f"clex: max_factor must be an integer >= 1, got {max_factor!r}")
         if not step > 0:
             raise ValueError(f"clex: step must be > 0, got {step}")
-        self.dynamics = Dynamics(2 * inv_freq.numel(), base, width, activation)
+        self.dynamics = Dynamics(2 * inv_freq.numel(), base, width, activation, start, trained_length)
         self.register_buffer("inv_freq", inv_freq.detach().float().clone(), persistent=False)
         self.trained_length, self.max_factor, self.step = trained_length, int(max_factor), float(step)
         self.draw: tuple[int, float] | None = None
@@ -101,7 +120,7 @@ class Clex(nn.Module):
         """What builds an equal scheme (besides the frequencies): saved with the parameters."""
         d = self.dynamics
         return {"base": d.base, "trained_length": self.trained_length, "max_factor": self.max_factor,
-                "width": d.up.shape[1] // d.dim, "activation": d.activation, "step": self.step}
+                "width": d.up.shape[1] // d.dim, "activation": d.activation, "step": self.step, "start": d.start}
 
     def factor_for(self, length: int) -> int:
         """Inference t for ``length`` tokens: ceil(length / trained length), between 1 and max_factor."""

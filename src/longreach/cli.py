@@ -261,6 +261,8 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, patt
               help="crd_ntk's largest NTK factor; clex's largest t (an integer)")
 @click.option("--lr", default=2e-5, show_default=True, type=float)
 @click.option("--clex-lr", default=None, type=float, help="CLEX's dynamics' learning rate (default: --lr)")
+@click.option("--clex-start", default="ntk", show_default=True, type=click.Choice(["ntk", "yarn"]),
+              help="the scaling CLEX's untrained dynamics follow")
 @click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--accumulation", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--save-every", default=0, show_default=True, type=click.IntRange(min=0))
@@ -273,8 +275,9 @@ def efficiency_command(model, tokenizer, *, lengths, forward_only, repeats, patt
 @click.option("--dtype", default=None, type=click.Choice(list(DTYPES)),
               help="[default: bfloat16 on a CUDA device, float32 elsewhere]")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="checkpoint and history directory")
-def finetune_command(model_spec, data, length, steps, attention, position, max_factor, lr, clex_lr, batch_size,
-                     accumulation, save_every, offload, sequence_parallel, shard_weights, device, dtype, out):
+def finetune_command(model_spec, data, length, steps, attention, position, max_factor, lr, clex_lr, clex_start,
+                     batch_size, accumulation, save_every, offload, sequence_parallel, shard_weights, device, dtype,
+                     out):
     """Fine-tune at a long context (LoRA + embeddings + norms); resumes from OUT's checkpoint."""
     import json
 
@@ -286,7 +289,7 @@ def finetune_command(model_spec, data, length, steps, attention, position, max_f
         sp, device = join(sequence_parallel, device) if sequence_parallel > 1 else (None, device)
         dtype = resolve_dtype(dtype, device)
         config = FinetuneConfig(length=length, steps=steps, attention=attention, learning_rate=lr,
-                                clex_learning_rate=clex_lr,
+                                clex_learning_rate=clex_lr, clex_start=clex_start,
                                 position=None if position == "none" else position, max_factor=max_factor,
                                 batch_size=batch_size, accumulation=accumulation, offload_activations=offload,
                                 sequence_parallel=sp, shard_weights=shard_weights)

@@ -324,7 +324,7 @@ POSITION_OPTIONS = {
     "dynamic_ntk": ("factor", "original_max_position"),
     "yarn": ("factor", "original_max_position", "beta_fast", "beta_slow", "attention_factor"),
     "truncated": ("cutoff",),
-    "clex": ("max_factor", "width", "activation", "step", "state", "original_max_position"),
+    "clex": ("max_factor", "width", "activation", "step", "start", "state", "original_max_position"),
 }
 
 

@@ -124,6 +124,26 @@ def dynamic_ntk(dim: int, base: float, factor: float, original_max_position: int
     return default(dim, base * growth ** (dim / (dim - 2)))
 
 
+def yarn_ramp(dim: int, base: float, original_max_position: int, *, beta_fast: float = 32.0, beta_slow: float = 1.0,
+              truncate: bool = True) -> Tensor:
+    """YaRN's ramp gamma_i (dim/2,) float32 (eqs. 17-20): the share of pair i interpolated, 1 for pairs that make
+    fewer than ``beta_slow`` rotations over the trained length, 0 for more than ``beta_fast``."""
+    check_length(original_max_position, "original_max_position")
+    if not 0 < beta_slow < beta_fast:
+        raise ValueError(f"need 0 < beta_slow < beta_fast, got beta_slow={beta_slow}, beta_fast={beta_fast}")
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    return ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+
+
 def yarn(
     dim: int,
     base: float,
@@ -144,21 +164,8 @@ def yarn(
     The attention temperature sqrt(1/t) = 0.1 ln s + 1 multiplies cos and sin.
     """
     factor = check_factor(factor)
-    check_length(original_max_position, "original_max_position")
-    if not 0 < beta_slow < beta_fast:
-        raise ValueError(f"need 0 < beta_slow < beta_fast, got beta_slow={beta_slow}, beta_fast={beta_fast}")
     theta = default_inv_freq(dim, base)
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
-    if truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    gamma = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    gamma = yarn_ramp(dim, base, original_max_position, beta_fast=beta_fast, beta_slow=beta_slow, truncate=truncate)
     inv_freq = theta / factor * gamma + theta * (1 - gamma)
     if attention_factor is None:
         attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0

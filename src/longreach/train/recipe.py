@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..clex import STARTS
 from ..hf import enable_checkpointing, extend, head_dim, peft_wrap
 from ..parallel import SequenceParallel
 from ..positions import CRDNTK
@@ -23,6 +24,7 @@ class FinetuneConfig:
     per forward (:class:`longreach.clex.Clex`; dense attention, which rotates in PyTorch), its
     parameters at ``clex_learning_rate`` (default: ``learning_rate``): their drift is integrated over t, so
     a step that suits the adapters can move the frequencies at t = 16 many-fold.
+    ``clex_start`` picks the scaling its untrained dynamics follow: ``"ntk"`` (the authors') or ``"yarn"``.
     ``offload_activations`` keeps the tensors saved for backward (with checkpointing: each layer's
     input) in pinned host memory, so GPU memory no longer grows with layers x length.
     ``sequence_parallel`` (from :func:`longreach.parallel.sequence_parallel`, one per process) splits
@@ -43,6 +45,7 @@ class FinetuneConfig:
     trainable: tuple[str, ...] = ("embed", "norm")
     learning_rate: float = 2e-5
     clex_learning_rate: float | None = None
+    clex_start: str = "ntk"
     warmup: int = 20
     batch_size: int = 1
     accumulation: int = 1
@@ -62,6 +65,10 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.clex_learning_rate is not None and self.position != CLEX:
             raise ValueError(f"clex_learning_rate applies to position='clex' only, got position={self.position!r}")
+        if self.clex_start not in STARTS:
+            raise ValueError(f"clex_start must be one of {STARTS}, got {self.clex_start!r}")
+        if self.clex_start != "ntk" and self.position != CLEX:
+            raise ValueError(f"clex_start applies to position='clex' only, got position={self.position!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.shard_weights and (self.sequence_parallel is None or self.position == CLEX):
@@ -82,7 +89,7 @@ def _position_kwargs(config: FinetuneConfig, trained: int, factor: float | None)
     if config.position == "truncated":
         return {"position": "truncated"}
     if config.position == CLEX:
-        return {"position": CLEX, "max_factor": config.max_factor}
+        return {"position": CLEX, "max_factor": config.max_factor, "start": config.clex_start}
     return {"position": config.position, "factor": config.factor or max(1.0, config.length / trained)}
 
 
