@@ -150,7 +150,9 @@ def test_dense_statement(shape):
 
 
 DEGENERATE = {
-    "select_merge": [dict(top_k=19, block_size=16), dict(top_k=19, block_size=16, position_mode="absolute")],
+    # train_length=300: the largest merged span (23 blocks of 16) exceeds it, the keys (at most 300) do not.
+    "select_merge": [dict(top_k=19, block_size=16), dict(top_k=19, block_size=16, position_mode="absolute"),
+                     dict(top_k=19, block_size=16, train_length=300)],
     "s2": [dict(group_size=300, shift=False)],
     "sf": [dict(group_size=300, shift=False, sink=4)],
     "dca": [dict(chunk_size=300, local_window=0), dict(chunk_size=310, local_window=10)],

@@ -360,12 +360,15 @@ def select_merge(
     ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote``, ``score_distance``, ``value_norm`` and
     ``shared`` choose how blocks are selected (:func:`select_blocks`, turning the summaries with the merged
     positions' rotary).
-    With ``position_mode="selected"``, a merged span that may exceed
+    With ``position_mode="selected"``, a merged span (at most K blocks, at most Lk) that may exceed
     ``train_length`` (the model's trained length) has its positions linearly interpolated into it.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if position_mode == "selected":
-        rope = merged_rope(require_rope(rope, "select_merge"), (sink + top_k + local + 1) * block_size, train_length)
+        # A query's merged span is at most its K blocks and at most the keys there are: a prompt inside the
+        # trained length keeps the model's own frequencies (every block kept is then exactly dense attention).
+        span = min((sink + top_k + local + 1) * block_size, k.shape[-2])
+        rope = merged_rope(require_rope(rope, "select_merge"), span, train_length)
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
                            query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
                            rope=rope, score_distance=score_distance, v=v if value_norm else None, shared=shared)
