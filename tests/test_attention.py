@@ -263,9 +263,9 @@ def test_select_blocks_breaks_score_ties_by_the_lower_block():
     from longreach.attention.select_merge import top_indices
 
     scores = torch.tensor([[0.5, 0.9, 0.7, 0.9, 0.7, 0.7, float("-inf")]])
-    assert sorted(top_indices(scores, 3)[0].tolist()) == [1, 2, 3]
-    assert sorted(top_indices(scores, 4)[0].tolist()) == [1, 2, 3, 4]
-    assert sorted(top_indices(scores.flip(-1), 3)[0].tolist()) == [1, 3, 5]  # 0.9 at 3 and 5, then 0.7 at 1
+    assert top_indices(scores, 3)[0].tolist() == [1, 3, 2]  # best first, each tie to the lower index
+    assert top_indices(scores, 4)[0].tolist() == [1, 3, 2, 4]
+    assert top_indices(scores.flip(-1), 3)[0].tolist() == [3, 5, 1]  # 0.9 at 3 and 5, then 0.7 at 1
     many = torch.zeros(3, 1000)  # all tied: the first ones, whatever the shape
     assert (top_indices(many, 5).sort(-1).values == torch.arange(5)).all()
 

@@ -174,7 +174,8 @@ def _top_blocks(scores: Tensor, take: int, first_block: int, sink: int, local: i
 
 
 def top_indices(scores: Tensor, take: int) -> Tensor:
-    """Indices (..., take) of the ``take`` largest of ``scores`` (..., n), ties going to the lower index.
+    """Indices (..., take) of the ``take`` largest of ``scores`` (..., n), best first, ties going to the lower
+    index (so each prefix holds that many best).
 
     torch.topk leaves ties to its kernel, which may break them differently for another tensor shape, so
     a prompt prefilled in chunks could select other blocks than in one pass (a block's best key ties
@@ -185,7 +186,9 @@ def top_indices(scores: Tensor, take: int) -> Tensor:
     chosen = above | (tied & (tied.cumsum(-1, dtype=torch.int32) <= room))
     # distinct for the chosen (float32 holds every index below 2**24 blocks): the lower index first
     rank = torch.arange(scores.shape[-1], 0, -1, device=scores.device, dtype=torch.float32)
-    return torch.where(chosen, rank, 0.0).topk(take, dim=-1).indices
+    ascending = torch.where(chosen, rank, 0.0).topk(take, dim=-1).indices
+    order = scores.gather(-1, ascending).sort(dim=-1, descending=True, stable=True).indices
+    return ascending.gather(-1, order)
 
 
 SHARED_VOTES = 2  # each selection's best blocks that count as its votes for the shared ones
@@ -199,20 +202,21 @@ def _finite_top(scores: Tensor, take: int) -> Tensor:
 
 def with_shared(best: Callable[[int], Tensor], take: int, shared: int, n_k: int) -> Tensor:
     """Picks (b, s, rows, take) of s selections (heads or kv groups) from ``best(n)``, each selection's n best
-    blocks (b, s, rows, n), n_k where none is left: each selection's best ``take - shared``, then the ``shared``
-    blocks found most often among the selections' best :data:`SHARED_VOTES` (ties to the lower block; none
-    where no block has a vote), which all s selections keep."""
+    blocks (b, s, rows, n), best first, n_k where none is left: each selection's best ``take - shared``, then
+    the ``shared`` blocks found most often among the selections' best :data:`SHARED_VOTES` (ties to the lower
+    block; none where no block has a vote), which all s selections keep."""
     shared = min(shared, take)
+    ranked = best(take)
     if not shared:
-        return best(take)
-    votes = best(min(SHARED_VOTES, take))
+        return ranked
+    votes = ranked[..., : min(SHARED_VOTES, take)]
     b, s, rows, _ = votes.shape
     counts = torch.zeros(b, rows, n_k + 1, device=votes.device)
     ballots = votes.transpose(1, 2).flatten(2)
     counts.scatter_add_(-1, ballots, torch.ones_like(ballots, dtype=counts.dtype))
     common = _finite_top(counts[..., :n_k].masked_fill(counts[..., :n_k] == 0, float("-inf")), shared)
     common = common[:, None].expand(b, s, rows, shared)
-    return common if take == shared else torch.cat([best(take - shared), common], -1)
+    return common if take == shared else torch.cat([ranked[..., : take - shared], common], -1)
 
 
 def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, part: int, fused: bool,
