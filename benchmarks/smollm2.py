@@ -45,11 +45,11 @@ def run_cell(kind: str, model, tokenizer, length: int, args, texts) -> list[dict
     depths = [float(d) for d in args.depths.split(",")]
     trials = args.long_trials if length > args.long_from else args.trials
     if kind == "passkey":
-        return passkey(model, tokenizer, [length], depths, trials=trials, batch_size=args.batch_size, chat=args.chat,
-                       prefill_chunk=args.prefill_chunk)
+        return passkey(model, tokenizer, [length], depths, trials=trials, seed=args.seed, batch_size=args.batch_size,
+                       chat=args.chat, prefill_chunk=args.prefill_chunk)
     if kind == "needle":
-        return needle(model, tokenizer, [length], depths, texts=texts, trials=trials, batch_size=args.batch_size,
-                      chat=args.chat, prefill_chunk=args.prefill_chunk)
+        return needle(model, tokenizer, [length], depths, texts=texts, trials=trials, seed=args.seed,
+                      batch_size=args.batch_size, chat=args.chat, prefill_chunk=args.prefill_chunk)
     texts = documents(args.perplexity_texts) if args.perplexity_texts else texts
     return perplexity(model, tokenizer, [length], texts=texts, window=args.window, samples=args.samples,
                       segment_length=max(parse_lengths(args.lengths)))
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--max-factor", type=float, default=math.inf, help="the largest rescaling factor")
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--trials", type=int, default=4, help="prompts per (length, depth)")
+    parser.add_argument("--seed", type=int, default=0, help="the prompts' seed (another seed, other prompts)")
     parser.add_argument("--long-trials", type=int, default=2, help="prompts per (length, depth) past --long-from")
     parser.add_argument("--long-from", type=int, default=32768)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -110,7 +111,7 @@ def main() -> None:
     path = args.out / f"{args.eval}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-            "dtype": args.dtype, "command": args.eval, "chat": args.chat, "bos": args.bos}
+            "dtype": args.dtype, "command": args.eval, "chat": args.chat, "bos": args.bos, "seed": args.seed}
     records: list[dict] = json.loads(path.read_text())["records"] if path.exists() else []
     zeros: dict[str, int] = {}
     for length in parse_lengths(args.lengths):
