@@ -1,0 +1,93 @@
+"""Would a cheap first stage keep the blocks that select_merge's best-key score picks? (CPU probe.)
+
+A selection linear in the length cannot score every key for every query block; a two-stage one would keep the N
+best blocks by a cheap score (the block's mean key, or Quest's minmax bound: L^2 / 4096 products) and rank
+only those by their best key. For the last query block of each needle prompt (the ones ``longreach needle``
+builds, seed 0) and each (layer, head), this records whether the needle's block is among the default's top 8
+(``best_key_top8``) and among the top 8 of the two-stage selection for each cheap score and N
+(``mean@N``, ``minmax@N``), and prints the share of (layer, head) pairs that keep it:
+
+    python benchmarks/selection_prefilter.py 32k 0.5,0.2 OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+from selection_recall import SELECT, key_blocks, select_blocks
+from selection_votes import BLOCK, DEFAULTS
+
+import longreach
+from longreach.cli import parse_lengths
+from longreach.evals import prompts
+from longreach.evals.retrieval import haystack_ids
+from longreach.pretrained import load_pretrained
+from longreach.reference_model import haystack_texts
+
+CHEAP, SIZES, TOP_K = ("mean", "minmax"), (16, 32, 64, 128), 8
+
+
+class Scores:
+    """Stands in for ``select_blocks``: selects as it does and records the last query block's scores per head."""
+
+    def __init__(self):
+        self.layers = []
+
+    def __call__(self, q, k, **options):
+        b, h, length, d = q.shape
+        n_k = -(-length // BLOCK)
+        q_bar = SELECT.block_means(q[:, :, (n_k - 1) * BLOCK:], BLOCK, 0, DEFAULTS["query_rows"])
+        q_bar = options["rope"].rotate(q_bar, q_bar.new_full((1,), DEFAULTS["score_distance"]))
+        q_bar = q_bar.view(b, k.shape[1], h // k.shape[1], 1, d)
+        candidate = (torch.arange(n_k) >= DEFAULTS["sink"]) & (torch.arange(n_k) < n_k - 1 - DEFAULTS["local"])
+        out = {}
+        for score in ("max", *CHEAP):
+            summary = SELECT.key_summary(k, BLOCK, score, DEFAULTS["representatives"])
+            part = SELECT.summary_rows(score, BLOCK, DEFAULTS["representatives"])
+            scores = SELECT.block_scores(q_bar, summary, score, n_k, part)[0].flatten(0, 1)[:, 0]
+            out[score] = scores.masked_fill(~candidate, float("-inf"))
+        self.layers.append(out)
+        return select_blocks(q, k, **options)
+
+
+def kept(layers: list, needle: list[int], cheap: str | None, n: int) -> float:
+    """Share of (layer, head) pairs whose top TOP_K by best key, among the n best by ``cheap``, hold the needle."""
+    hits = total = 0
+    for out in layers:
+        for best, pre in zip(out["max"], out[cheap] if cheap else out["max"], strict=True):
+            allowed = torch.zeros_like(best, dtype=torch.bool).index_fill(0, pre.topk(n).indices, True) if cheap \
+                else torch.ones_like(best, dtype=torch.bool)
+            hits += any(p in needle for p in best.masked_fill(~allowed, float("-inf")).topk(TOP_K).indices.tolist())
+            total += 1
+    return hits / total
+
+
+def main() -> None:
+    lengths, depths, out = parse_lengths(sys.argv[1]), [float(x) for x in sys.argv[2].split(",")], Path(sys.argv[3])
+    model, tokenizer = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
+    longreach.extend(model, attention="select_merge")
+    documents = prompts.encode_documents(tokenizer, haystack_texts())
+    separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)
+    rows = []
+    for length in lengths:
+        for depth in depths:
+            rng = random.Random(f"0/{length}/{depth}")
+            prompt = prompts.needle(tokenizer, length, depth, rng, haystack_ids(documents, length, rng, separator))
+            scores, needle = Scores(), key_blocks(tokenizer, prompt, BLOCK)
+            with mock.patch.object(SELECT, "select_blocks", scores), torch.no_grad():
+                model(torch.tensor([prompt.ids]), use_cache=False, logits_to_keep=1)
+            row = {"length": length, "depth": depth, "needle": needle,
+                   "best_key_top8": kept(scores.layers, needle, None, 0)}
+            row |= {f"{c}@{n}": kept(scores.layers, needle, c, n) for c in CHEAP for n in SIZES if n < length // BLOCK}
+            print(row, flush=True)
+            rows.append(row)
+            out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
