@@ -41,6 +41,18 @@ def test_untrained_dynamics_from_yarn_follow_yarns_frequencies(tmp_path):
         scheme(start="linear")
 
 
+def test_a_model_cast_to_16_bits_keeps_the_frequencies_in_float32():
+    torch.manual_seed(0)
+    model = tiny_model(max_position=64)
+    longreach.extend(model, position="clex", max_factor=4, start="yarn")
+    clex = model.model.clex
+    before = clex.frequencies(3).detach().clone()  # untrained (W_down = 0): from the buffers alone
+    model.to(torch.bfloat16)
+    assert clex.inv_freq.dtype == clex.dynamics.ramp.dtype == torch.float32
+    assert clex.dynamics.down.dtype == torch.bfloat16  # parameters are cast as asked
+    torch.testing.assert_close(clex.frequencies(3), before)
+
+
 def test_rk4_against_closed_form_and_a_fine_step_reference():
     z0 = torch.tensor([0.3, -1.2], dtype=torch.float64)
     exact = z0 * math.exp(-0.7 * 2.5)

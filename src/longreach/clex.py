@@ -34,7 +34,20 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"tanh": torch.tanh, "silu"
 STARTS = ("ntk", "yarn")
 
 
-class Dynamics(nn.Module):
+class Float32Buffers(nn.Module):
+    """A module whose buffers (the model's frequencies, YaRN's ramp) follow a move to another device but not a
+    cast: ``model.to(torch.bfloat16)`` would round them, and so every frequency z(t), by up to about 1 %."""
+
+    def _apply(self, fn, recurse=True):
+        kept = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, buffer in kept.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(self._buffers[name].device)
+        return self
+
+
+class Dynamics(Float32Buffers):
     """f(z, t) of the module docstring for frequencies of a head of ``dim`` and RoPE ``base``; the hidden
     layer has ``width`` x dim units (the authors' ``param_factor``); w(t) from ``start`` (YaRN's ramp needs
     the model's ``trained_length``)."""
@@ -66,9 +79,8 @@ class Dynamics(nn.Module):
     def yarn(self, t: float) -> tuple[Tensor, Tensor]:
         """log w(t) and d/dt log w(t): w_i = theta_i ((1 - gamma_i) + gamma_i / t), gamma YaRN's ramp."""
         index = torch.arange(0, self.dim, 2, dtype=torch.float32, device=self.up.device)
-        ramp = self.ramp.float()  # a model cast to 16 bits casts the buffer too
-        share = (1 - ramp) + ramp / t
-        return -(index / self.dim) * math.log(self.base) + share.log(), -ramp / (t * t * share)
+        share = (1 - self.ramp) + self.ramp / t
+        return -(index / self.dim) * math.log(self.base) + share.log(), -self.ramp / (t * t * share)
 
     def forward(self, t: float, z: Tensor) -> Tensor:
         log_w, slope = self.ntk(t) if self.start == "ntk" else self.yarn(t)
@@ -92,7 +104,7 @@ def rk4(f: Callable[[float, Tensor], Tensor], z: Tensor, t0: float, t1: float, s
     return z
 
 
-class Clex(nn.Module):
+class Clex(Float32Buffers):
     """The CLEX position scheme for a model's rotary frequencies ``inv_freq`` (dim/2,) of RoPE ``base``,
     trained at ``trained_length`` tokens.
 
