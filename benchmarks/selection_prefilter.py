@@ -13,21 +13,14 @@ builds, seed 0) and each (layer, head), this records whether the needle's block 
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
-from unittest import mock
 
 import torch
-from selection_recall import SELECT, key_blocks, select_blocks
-from selection_votes import BLOCK, DEFAULTS
+from selection_recall import select_blocks
+from selection_votes import BLOCK, last_block_scores, needle_prefills
 
-import longreach
 from longreach.cli import parse_lengths
-from longreach.evals import prompts
-from longreach.evals.retrieval import haystack_ids
-from longreach.pretrained import load_pretrained
-from longreach.reference_model import haystack_texts
 
 CHEAP, SIZES, TOP_K = ("mean", "minmax"), (16, 32, 64, 128), 8
 
@@ -39,19 +32,7 @@ class Scores:
         self.layers = []
 
     def __call__(self, q, k, **options):
-        b, h, length, d = q.shape
-        n_k = -(-length // BLOCK)
-        q_bar = SELECT.block_means(q[:, :, (n_k - 1) * BLOCK:], BLOCK, 0, DEFAULTS["query_rows"])
-        q_bar = options["rope"].rotate(q_bar, q_bar.new_full((1,), DEFAULTS["score_distance"]))
-        q_bar = q_bar.view(b, k.shape[1], h // k.shape[1], 1, d)
-        candidate = (torch.arange(n_k) >= DEFAULTS["sink"]) & (torch.arange(n_k) < n_k - 1 - DEFAULTS["local"])
-        out = {}
-        for score in ("max", *CHEAP):
-            summary = SELECT.key_summary(k, BLOCK, score, DEFAULTS["representatives"])
-            part = SELECT.summary_rows(score, BLOCK, DEFAULTS["representatives"])
-            scores = SELECT.block_scores(q_bar, summary, score, n_k, part)[0].flatten(0, 1)[:, 0]
-            out[score] = scores.masked_fill(~candidate, float("-inf"))
-        self.layers.append(out)
+        self.layers.append({score: last_block_scores(q, k, options["rope"], score) for score in ("max", *CHEAP)})
         return select_blocks(q, k, **options)
 
 
@@ -69,25 +50,14 @@ def kept(layers: list, needle: list[int], cheap: str | None, n: int) -> float:
 
 def main() -> None:
     lengths, depths, out = parse_lengths(sys.argv[1]), [float(x) for x in sys.argv[2].split(",")], Path(sys.argv[3])
-    model, tokenizer = load_pretrained("smollm2", dtype=torch.float32, device="cpu")
-    longreach.extend(model, attention="select_merge")
-    documents = prompts.encode_documents(tokenizer, haystack_texts())
-    separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)
     rows = []
-    for length in lengths:
-        for depth in depths:
-            rng = random.Random(f"0/{length}/{depth}")
-            prompt = prompts.needle(tokenizer, length, depth, rng, haystack_ids(documents, length, rng, separator))
-            scores, needle = Scores(), key_blocks(tokenizer, prompt, BLOCK)
-            with mock.patch.object(SELECT, "select_blocks", scores), torch.no_grad():
-                model(torch.tensor([prompt.ids]), use_cache=False, logits_to_keep=1)
-            row = {"length": length, "depth": depth, "needle": needle,
-                   "best_key_top8": kept(scores.layers, needle, None, 0)}
-            row |= {f"{c}@{n}": kept(scores.layers, needle, c, n) for c in CHEAP for n in SIZES if n < length // BLOCK}
-            print(row, flush=True)
-            rows.append(row)
-            out.write_text(json.dumps(rows, indent=1) + "\n")
-
+    for length, depth, needle, scores in needle_prefills("smollm2", lengths, depths, Scores, "cpu"):
+        row = {"length": length, "depth": depth, "needle": needle,
+               "best_key_top8": kept(scores.layers, needle, None, 0)}
+        row |= {f"{c}@{n}": kept(scores.layers, needle, c, n) for c in CHEAP for n in SIZES if n < length // BLOCK}
+        print(row, flush=True)
+        rows.append(row)
+        out.write_text(json.dumps(rows, indent=1) + "\n")
 
 if __name__ == "__main__":
     main()

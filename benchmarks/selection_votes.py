@@ -35,6 +35,21 @@ BLOCK, TOP_K, KEPT = 64, 8, 32
 DEFAULTS = {name: param.default for name, param in inspect.signature(SELECT.select_merge).parameters.items()}
 
 
+def last_block_scores(q: torch.Tensor, k: torch.Tensor, rope, score: str) -> torch.Tensor:
+    """(heads, key blocks) scores by ``score`` of the prompt's last query block, summarised and turned as the
+    default selection does it, -inf for the blocks that are not candidates (the sinks, the local ones)."""
+    b, h, length, d = q.shape
+    n_k = -(-length // BLOCK)
+    q_bar = SELECT.block_means(q[:, :, (n_k - 1) * BLOCK:], BLOCK, 0, DEFAULTS["query_rows"])
+    q_bar = rope.rotate(q_bar, q_bar.new_full((1,), DEFAULTS["score_distance"]))
+    summary = SELECT.key_summary(k, BLOCK, score, DEFAULTS["representatives"])
+    part = SELECT.summary_rows(score, BLOCK, DEFAULTS["representatives"])
+    scores = SELECT.block_scores(q_bar.view(b, k.shape[1], h // k.shape[1], 1, d), summary, score, n_k,
+                                 part)[0].flatten(0, 1)[:, 0]
+    candidate = (torch.arange(n_k) >= DEFAULTS["sink"]) & (torch.arange(n_k) < n_k - 1 - DEFAULTS["local"])
+    return scores.masked_fill(~candidate, float("-inf"))
+
+
 class Ranking:
     """Stands in for ``select_blocks``: selects as it does and records the last query block's best KEPT blocks."""
 
@@ -42,18 +57,26 @@ class Ranking:
         self.layers = []
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, **options) -> torch.Tensor:
-        b, h, length, d = q.shape
-        n_k = -(-length // BLOCK)
-        q_bar = SELECT.block_means(q[:, :, (n_k - 1) * BLOCK:], BLOCK, 0, DEFAULTS["query_rows"])
-        q_bar = options["rope"].rotate(q_bar, q_bar.new_full((1,), DEFAULTS["score_distance"]))
-        summary = SELECT.key_summary(k, BLOCK, DEFAULTS["score"], DEFAULTS["representatives"])
-        group = h // k.shape[1]
-        scores = SELECT.block_scores(q_bar.view(b, k.shape[1], group, 1, d), summary, DEFAULTS["score"], n_k,
-                                     BLOCK)[0].flatten(0, 1)[:, 0]
-        candidate = torch.arange(n_k) >= DEFAULTS["sink"]
-        candidate &= torch.arange(n_k) < n_k - 1 - DEFAULTS["local"]
-        self.layers.append(scores.masked_fill(~candidate, float("-inf")).topk(KEPT, -1).indices.tolist())
+        scores = last_block_scores(q, k, options["rope"], DEFAULTS["score"])
+        self.layers.append(scores.topk(KEPT, -1).indices.tolist())
         return select_blocks(q, k, **options)
+
+
+def needle_prefills(model_name: str, lengths: list[int], depths: list[float], recorder: type, device: str):
+    """For each needle prompt (seed 0), one prefill of ``model_name`` (float32, select_merge at its defaults) with
+    a fresh ``recorder()`` standing in for ``select_blocks``; yields (length, depth, the needle's blocks, recorder)."""
+    model, tokenizer = load_pretrained(model_name, dtype=torch.float32, device=device)
+    longreach.extend(model, attention="select_merge")
+    documents = prompts.encode_documents(tokenizer, haystack_texts())
+    separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)
+    for length in lengths:
+        for depth in depths:
+            rng = random.Random(f"0/{length}/{depth}")
+            prompt = prompts.needle(tokenizer, length, depth, rng, haystack_ids(documents, length, rng, separator))
+            seen = recorder()
+            with mock.patch.object(SELECT, "select_blocks", seen), torch.no_grad():
+                model(torch.tensor([prompt.ids], device=device), use_cache=False, logits_to_keep=1)
+            yield length, depth, key_blocks(tokenizer, prompt, BLOCK), seen
 
 
 def recall(layers: list, needle: list[int], shared: int) -> float:
@@ -73,27 +96,17 @@ def main() -> None:
     parser.add_argument("--shared", default="2,4")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_pretrained(args.model, dtype=torch.float32, device=device)
-    longreach.extend(model, attention="select_merge")
-    documents = prompts.encode_documents(tokenizer, haystack_texts())
-    separator = prompts.encode(tokenizer, prompts.DOCUMENT_SEPARATOR)
     args.out.mkdir(parents=True, exist_ok=True)
+    shares = [0] + [int(c) for c in args.shared.split(",")]
     records = []
-    for length in args.lengths:
-        for depth in [float(x) for x in args.depths.split(",")]:
-            rng = random.Random(f"0/{length}/{depth}")
-            prompt = prompts.needle(tokenizer, length, depth, rng, haystack_ids(documents, length, rng, separator))
-            ranking, needle = Ranking(), key_blocks(tokenizer, prompt, BLOCK)
-            with mock.patch.object(SELECT, "select_blocks", ranking), torch.no_grad():
-                model(torch.tensor([prompt.ids], device=device), use_cache=False, logits_to_keep=1)
-            shares = [0] + [int(c) for c in args.shared.split(",")]
-            row = {"length": length, "depth": depth, "needle_blocks": needle,
-                   "recall": {f"shared={c}": recall(ranking.layers, needle, c) for c in shares}}
-            print(row, flush=True)
-            records.append({**row, "rankings": ranking.layers})
-            (args.out / "selection_votes.json").write_text(json.dumps({"model": args.model, "device": device,
-                                                                       "records": records}) + "\n")
-
+    depths = [float(x) for x in args.depths.split(",")]
+    for length, depth, needle, ranking in needle_prefills(args.model, args.lengths, depths, Ranking, device):
+        row = {"length": length, "depth": depth, "needle_blocks": needle,
+               "recall": {f"shared={c}": recall(ranking.layers, needle, c) for c in shares}}
+        print(row, flush=True)
+        records.append({**row, "rankings": ranking.layers})
+        (args.out / "selection_votes.json").write_text(json.dumps({"model": args.model, "device": device,
+                                                                   "records": records}) + "\n")
 
 if __name__ == "__main__":
     main()
