@@ -27,9 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("state", help="a clex.pt a CLEX fine-tune wrote")
     args = parser.parse_args()
-    state = torch.load(args.state, map_location="cpu", weights_only=True)
-    theta = state["inv_freq"]
-    trained = Clex.load(args.state, theta)
+    trained = Clex.load(args.state)
+    theta = trained.inv_freq
     settings = {k: v for k, v in trained.settings().items() if k != "start"}
     starts = {name: Clex(theta, **settings, start=name) for name in ("ntk", "yarn")}
     length = trained.trained_length

@@ -9,7 +9,8 @@ own summary and score functions) rank the candidate key blocks per query head, a
 the share of (layer, head) pairs whose kept blocks hold a block of the needle's key: each head's best ``top_k``
 (the default), or, as the library picks them (``select_merge.with_shared``), its best ``top_k - c`` plus the ``c``
 blocks most often among the heads' best two (``shared=c``).
-Writes ``OUT/selection_votes.json`` (the rankings and the recalls).
+Writes ``OUT/selection_votes.json`` (the rankings and the recalls). ``--rescore FILE`` recomputes the recalls of
+such a file from its stored rankings, without a prefill, as the library picks now.
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def recall(layers: list, needle: list[int], shared: int) -> float:
     return torch.isin(torch.stack(picks), torch.tensor(needle)).any(-1).double().mean().item()
 
 
+def rescore(path: Path, shares: list[int], out: Path) -> None:
+    """Writes ``path``'s result to ``out`` with each record's recalls computed again from its stored rankings."""
+    result = json.loads(path.read_text())
+    for record in result["records"]:
+        record["recall"] = {f"shared={c}": recall(record["rankings"], record["needle_blocks"], c) for c in shares}
+        print({key: record[key] for key in ("length", "depth", "recall")})
+    out.write_text(json.dumps({**result, "rescored_from": str(path)}) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -94,10 +104,14 @@ def main() -> None:
     parser.add_argument("--lengths", type=parse_lengths, default=[8192])
     parser.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--shared", default="2,4")
+    parser.add_argument("--rescore", type=Path, help="a selection_votes.json whose rankings to score again")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
     shares = [0] + [int(c) for c in args.shared.split(",")]
+    if args.rescore:
+        rescore(args.rescore, shares, args.out / "selection_votes.json")
+        return
     records = []
     depths = [float(x) for x in args.depths.split(",")]
     for length, depth, needle, ranking in needle_prefills(args.model, args.lengths, depths, Ranking, device):

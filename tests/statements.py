@@ -122,7 +122,7 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
                  per_head=True, representatives=4, vote="mean", score_distance=512, value_norm=False, shared=0):
     """Brute force: explicit block summaries, scores, top-k and merged positions, in loops. With ``shared``,
     that many picks of every selection (head, or kv group) are the blocks most often among the selections'
-    best two (ties to the lower block), the rest each selection's own best."""
+    best two (ties to the lower block), the rest each selection's own best of the blocks not shared."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     group = h // hk
@@ -166,7 +166,8 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
             common_blocks = set(sorted(votes, key=lambda jb: (-votes[jb], jb))[:common])
             for hh in range(h):
                 unit = hh if per_head else hh // group * group
-                kept = forced | set(ranked[unit][:min(top_k, n_blocks) - common]) | common_blocks
+                own = [jb for jb in ranked[unit] if jb not in common_blocks]
+                kept = forced | set(own[:min(top_k, n_blocks) - common]) | common_blocks
                 merged = [t for jb in sorted(kept) for t in range(jb * block, min((jb + 1) * block, lk))]
                 rank = {t: n for n, t in enumerate(merged)}
                 for r in rows:

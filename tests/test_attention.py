@@ -275,7 +275,8 @@ def test_shared_blocks_reach_every_head():
 
     # Query block 5 of four heads scores key blocks 1-4 (block 0 is its sink) by these logits. Each head's best
     # two are its votes: block 2 gets three (heads 0-2), the most, so with one shared pick of two it reaches
-    # every head, head 3 (which ranks it last) included, beside each head's own best.
+    # every head, head 3 (which ranks it last) included, beside each head's own best of the other blocks:
+    # for heads 0 and 1, whose best is block 2, their second best.
     logits = [[1.0, 5.0, 0.5, 0.0], [0.5, 5.0, 1.0, 0.0], [1.0, 3.5, 3.0, 4.0], [3.0, -1.0, 1.0, 4.0]]
     d, block = 4, 4
     q, k = torch.zeros(1, 4, 24, d), torch.zeros(1, 4, 24, d)
@@ -287,7 +288,7 @@ def test_shared_blocks_reach_every_head():
                 score_distance=None)
     assert select_blocks(q, k, **opts)[0, :, 5].tolist() == [[0, 1, 2, 5], [0, 2, 3, 5], [0, 2, 4, 5], [0, 1, 4, 5]]
     table = select_blocks(q, k, shared=1, **opts)[0, :, 5]
-    assert table.tolist() == [[0, 2, 5, -1], [0, 2, 5, -1], [0, 2, 4, 5], [0, 2, 4, 5]]
+    assert table.tolist() == [[0, 1, 2, 5], [0, 2, 3, 5], [0, 2, 4, 5], [0, 2, 4, 5]]
     with pytest.raises(ValueError, match="shared must be in 0..top_k"):
         select_blocks(q, k, shared=3, **opts)
 

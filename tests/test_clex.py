@@ -123,6 +123,7 @@ def test_save_load_round_trip_and_clear_errors(tmp_path):
     loaded = Clex.load(tmp_path / "clex.pt", default_inv_freq(DIM, BASE))
     assert loaded.settings() == clex.settings()
     torch.testing.assert_close(loaded.frequencies(5), clex.frequencies(5))
+    torch.testing.assert_close(Clex.load(tmp_path / "clex.pt").frequencies(5), clex.frequencies(5))
     with pytest.raises(ValueError, match="not found: fine-tune with position='clex' first"):
         Clex.load(tmp_path / "missing.pt", default_inv_freq(DIM, BASE))
     with pytest.raises(ValueError, match="other rotary frequencies"):

@@ -182,13 +182,15 @@ class Clex(Float32Buffers):
                     "dynamics": {k: v.detach().cpu() for k, v in self.dynamics.state_dict().items()}}, path)
 
     @classmethod
-    def load(cls, path: str | Path, inv_freq: Tensor) -> Clex:
-        """A scheme from :meth:`save`'s file, checked against the model's frequencies ``inv_freq``."""
+    def load(cls, path: str | Path, inv_freq: Tensor | None = None) -> Clex:
+        """A scheme from :meth:`save`'s file, checked against the model's frequencies ``inv_freq`` (by default
+        the file's own)."""
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"clex state {str(path)!r} not found: fine-tune with position='clex' first "
                              "(its run writes clex.pt)")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        inv_freq = state["inv_freq"] if inv_freq is None else inv_freq
         if state["inv_freq"].shape != inv_freq.shape or not torch.allclose(state["inv_freq"], inv_freq.float().cpu()):
             raise ValueError(f"clex state {str(path)!r} was trained for other rotary frequencies than this model's")
         scheme = cls(inv_freq, **state["settings"])

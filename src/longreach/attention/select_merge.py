@@ -202,9 +202,10 @@ def _finite_top(scores: Tensor, take: int) -> Tensor:
 
 def with_shared(best: Callable[[int], Tensor], take: int, shared: int, n_k: int) -> Tensor:
     """Picks (b, s, rows, take) of s selections (heads or kv groups) from ``best(n)``, each selection's n best
-    blocks (b, s, rows, n), best first, n_k where none is left: each selection's best ``take - shared``, then
-    the ``shared`` blocks found most often among the selections' best :data:`SHARED_VOTES` (ties to the lower
-    block; none where no block has a vote), which all s selections keep."""
+    blocks (b, s, rows, n), best first, n_k where none is left: the ``shared`` blocks found most often among
+    the selections' best :data:`SHARED_VOTES` (ties to the lower block; none where no block has a vote),
+    which all s selections keep, then each selection's best ``take - shared`` of the blocks not shared, so
+    that no pick repeats another."""
     shared = min(shared, take)
     ranked = best(take)
     if not shared:
@@ -216,7 +217,10 @@ def with_shared(best: Callable[[int], Tensor], take: int, shared: int, n_k: int)
     counts.scatter_add_(-1, ballots, torch.ones_like(ballots, dtype=counts.dtype))
     common = _finite_top(counts[..., :n_k].masked_fill(counts[..., :n_k] == 0, float("-inf")), shared)
     common = common[:, None].expand(b, s, rows, shared)
-    return common if take == shared else torch.cat([ranked[..., : take - shared], common], -1)
+    # at most `shared` of a selection's best `take` are shared, so `take - shared` others remain
+    is_common = (ranked[..., :, None] == common[..., None, :]).any(-1) & (ranked < n_k)
+    own = ranked.gather(-1, is_common.to(torch.uint8).sort(dim=-1, stable=True).indices)
+    return torch.cat([own[..., : take - shared], common], -1)
 
 
 def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, part: int, fused: bool,
@@ -308,10 +312,6 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
         picked[:, :, lo : lo + rows, :take] = with_shared(functools.partial(_finite_top, scores), take, shared, n_k)
     forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
     table = torch.cat([forced, picked], dim=-1).sort(dim=-1).values
-    if shared:  # a shared block may also be a head's own pick
-        repeated = torch.cat([torch.zeros_like(table[..., :1], dtype=torch.bool),
-                              table[..., 1:] == table[..., :-1]], -1)
-        table = torch.where(repeated, n_k, table).sort(dim=-1).values
     table = torch.where(table < n_k, table, -1)
     return table if per_head else table.repeat_interleave(group, dim=1)
 
