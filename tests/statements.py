@@ -119,10 +119,13 @@ def block_score(qb, keys, score, part, values=None):
 
 
 def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="max", query_rows=8,
-                 per_head=True, representatives=4, vote="mean", score_distance=512, value_norm=False, shared=0):
+                 per_head=True, representatives=4, vote="mean", score_distance=512, value_norm=False, shared=0,
+                 carry=0):
     """Brute force: explicit block summaries, scores, top-k and merged positions, in loops. With ``shared``,
     that many picks of every selection (head, or kv group) are the blocks most often among the selections'
-    best two (ties to the lower block), the rest each selection's own best of the blocks not shared."""
+    best two (ties to the lower block), the rest each selection's own best of the blocks not shared. With
+    ``carry`` (one layer, nothing carried in), the blocks of largest softmax probability at temperature 1/2
+    in any selection's scores instead."""
     b, h, lq, d = q.shape
     hk, lk = k.shape[1], k.shape[2]
     group = h // hk
@@ -141,7 +144,7 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
             rows = [r for r in range(ib * block, (ib + 1) * block) if first <= r < lk]
             forced = {jb for jb in range(ib + 1) if jb < sink or jb >= ib - local}
             others = [jb for jb in range(ib + 1) if jb not in forced]
-            ranked = {}
+            ranked, sureness = {}, {}
             for unit in units:
                 g = unit // group
                 voters = [unit] if per_head else list(range(g * group, (g + 1) * group))
@@ -158,16 +161,21 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
                                  for s in per_voter]
                 score_of = {jb: sum(s[jb] for s in per_voter) / len(per_voter) for jb in others}
                 ranked[unit] = sorted(others, key=lambda jb: -score_of[jb])
-            common = min(shared, top_k, n_blocks)
+                sureness[unit] = {jb: math.exp(2 * (score_of[jb] - max(score_of.values())))
+                                  / sum(math.exp(2 * (x - max(score_of.values()))) for x in score_of.values())
+                                  for jb in others}
             votes = {}
             for order in ranked.values():
                 for jb in order[:min(2, top_k, n_blocks)]:
                     votes[jb] = votes.get(jb, 0) + 1
+            if carry:
+                votes = {jb: max(sure[jb] for sure in sureness.values()) for jb in others}
+            common = min(shared + carry, top_k, n_blocks)
             common_blocks = set(sorted(votes, key=lambda jb: (-votes[jb], jb))[:common])
             for hh in range(h):
                 unit = hh if per_head else hh // group * group
                 own = [jb for jb in ranked[unit] if jb not in common_blocks]
-                kept = forced | set(own[:min(top_k, n_blocks) - common]) | common_blocks
+                kept = forced | set(own[:min(top_k, n_blocks) - len(common_blocks)]) | common_blocks
                 merged = [t for jb in sorted(kept) for t in range(jb * block, min((jb + 1) * block, lk))]
                 rank = {t: n for n, t in enumerate(merged)}
                 for r in rows:

@@ -57,20 +57,20 @@ def test_select_merge_statement(shape, block, top_k, local, sink, mode):
 @SETTINGS
 @given(shapes(), st.sampled_from([8, 16]), st.integers(1, 3), st.sampled_from(SCORES),
        st.sampled_from([None, 1, 3]), st.booleans(), st.sampled_from([2, 4]), st.sampled_from(["mean", "softmax"]),
-       st.sampled_from([None, 0, 40]), st.booleans(), st.integers(0, 3))
+       st.sampled_from([None, 0, 40]), st.booleans(), st.integers(0, 3), st.sampled_from(["shared", "carry"]))
 def test_select_merge_selection_options_statement(shape, block, top_k, score, query_rows, per_head, representatives,
-                                                  vote, score_distance, value_norm, shared):
+                                                  vote, score_distance, value_norm, common, rule):
     q, k, v = tensors(shape)
     value_norm = value_norm and score == "max"
-    shared = min(shared, top_k)
+    picks = {rule: min(common, top_k)}
     rope = rope_for(q.shape[-1])
     opts = dict(block_size=block, top_k=top_k, local=0, sink=1, score=score, query_rows=query_rows, per_head=per_head,
                 representatives=representatives, vote=vote, score_distance=score_distance, value_norm=value_norm,
-                shared=shared)
+                **picks)
     out = run("select_merge", q, k, v, rope, **opts)
     expected = ref.select_merge(q, k, v, rope, q.shape[-1] ** -0.5, block, top_k, 0, 1, "selected", score=score,
                                 query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
-                                score_distance=score_distance, value_norm=value_norm, shared=shared)
+                                score_distance=score_distance, value_norm=value_norm, **picks)
     torch.testing.assert_close(out, expected, **TOL)
 
 
@@ -291,6 +291,39 @@ def test_shared_blocks_reach_every_head():
     assert table.tolist() == [[0, 1, 2, 5], [0, 2, 3, 5], [0, 2, 4, 5], [0, 2, 4, 5]]
     with pytest.raises(ValueError, match="shared must be in 0..top_k"):
         select_blocks(q, k, shared=3, **opts)
+
+
+def test_carried_blocks_reach_the_layers_after():
+    from longreach.attention.select_merge import LayerChain, select_blocks
+
+    # Query block 5 of two heads scores key blocks 1-4 (block 0 is its sink). In layer 0 head 1 is sure of
+    # block 3 (a logit 6 above the rest); in layer 1 neither head ranks block 3 in its best two, yet with
+    # carry=1 every head of layer 1 keeps it beside its own best, and calling layer 1 again (a recomputed
+    # checkpoint) selects the same.
+    def inputs(logits):
+        d, block = 4, 4
+        q, k = torch.zeros(1, 2, 24, d), torch.zeros(1, 2, 24, d)
+        q[0, :, 20:, 0] = 1.0
+        for head, row in enumerate(logits):
+            for jb, logit in enumerate(row, start=1):
+                k[0, head, jb * block, 0] = logit * d**0.5
+        return q, k
+
+    opts = dict(block_size=4, top_k=2, local=0, sink=1, score="max", query_rows=None, per_head=True,
+                score_distance=None, carry=1)
+    chain = LayerChain()
+    first = select_blocks(*inputs([[1.0, 1.2, 0.0, 0.5], [0.0, 0.1, 6.0, 0.2]]), link=chain.link(0), **opts)
+    assert first[0, :, 5].tolist() == [[0, 2, 3, 5], [0, 3, 4, 5]]
+    layer1 = inputs([[2.0, 1.0, 0.0, 1.5], [0.5, 2.0, -1.0, 1.0]])
+    # alone, layer 1 shares the block its own surest head picks (head 1's block 2, softmax 0.84)
+    assert select_blocks(*layer1, **opts)[0, :, 5].tolist() == [[0, 1, 2, 5], [0, 2, 4, 5]]
+    carried = select_blocks(*layer1, link=chain.link(1), **opts)
+    assert carried[0, :, 5].tolist() == [[0, 1, 3, 5], [0, 2, 3, 5]]
+    assert torch.equal(select_blocks(*layer1, link=chain.link(1), **opts), carried)
+    with pytest.raises(ValueError, match="shared .* and carry .* both choose"):
+        select_blocks(*layer1, **{**opts, "shared": 1})
+    with pytest.raises(ValueError, match="layer 0 left blocks for"):
+        select_blocks(*layer1, link=chain.link(1), **{**opts, "carry": 2})
 
 
 @pytest.mark.parametrize("name", ["s2", "sf"])

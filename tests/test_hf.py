@@ -142,3 +142,23 @@ def test_qwen3_supported():
         expected = model(ids).logits
         longreach.extend(model)
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_select_merge_carry_hands_blocks_down_the_layers():
+    # With carry, each layer's surest blocks are written for the next one, within the forward pass (prefill
+    # and each decode step alike); top_k covering every block leaves nothing to choose, so it equals carry=0.
+    model = tiny_model("llama")
+    ids = torch.randint(1, model.config.vocab_size, (1, 96))
+    with torch.no_grad():
+        longreach.extend(model, attention="select_merge", block_size=16, top_k=1, local=0, carry=1)
+        chain = model._longreach.chain
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert sorted(chain.written) == list(range(model.config.num_hidden_layers))
+        assert chain.written[0][1].shape == (1, 1, 1)  # the last decode step's one query block
+        model(ids)
+        assert chain.written[0][1].shape == (1, 6, 1)
+        longreach.extend(model, attention="select_merge", block_size=16, top_k=8, local=0, carry=1)
+        wide = model(ids).logits
+        longreach.extend(model, attention="select_merge", block_size=16, top_k=8, local=0)
+        torch.testing.assert_close(model(ids).logits, wide)
+    assert out.shape == (1, 99)

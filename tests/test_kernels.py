@@ -345,13 +345,13 @@ def test_block_max_kernel_matches_the_reference(score, representatives, k_len, q
 
 
 @pytest.mark.parametrize("score", ["max", "representatives"])
-@pytest.mark.parametrize("shared", [0, 1])
-def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(score, shared, monkeypatch):
+@pytest.mark.parametrize("common", [{}, {"shared": 1}, {"carry": 1}])
+def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(score, common, monkeypatch):
     from longreach import kernels
 
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 4, 90, 32, generator=gen), torch.randn(1, 2, 150, 32, generator=gen)
-    opts = dict(block_size=16, top_k=2, local=1, sink=1, score=score, query_rows=4, per_head=True, shared=shared)
+    opts = dict(block_size=16, top_k=2, local=1, sink=1, score=score, query_rows=4, per_head=True, **common)
     v = torch.randn(1, 2, 150, 32, generator=gen) if score == "max" else None  # value_norm's log |v| too
     expected = [select_blocks(q, k, **opts), select_blocks(q, k, v=v, **opts)]
     monkeypatch.setattr(kernels, "enabled", lambda x: True)

@@ -30,6 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from . import cache as policies
 from . import positions as pos
 from .attention import METHODS, Positions, check_options, get_method
+from .attention.select_merge import LayerChain
 from .cache.sharded import HeadShardCache, HeadShardLayer
 from .clex import Clex
 from .parallel import (
@@ -105,6 +106,7 @@ class Setup:
     active: policies.PolicyCache | None = None
     parallel: SequenceParallel | None = None
     sharded: HeadShardCache | None = None
+    chain: LayerChain = field(default_factory=LayerChain)  # select_merge's carry, from layer to layer
 
 
 class UnappliedRotary(nn.Module):
@@ -165,6 +167,12 @@ def _attention(name: str):
         if setup is not None and setup.parallel is not None and method.head_patterned:  # this rank's heads
             sp, heads = setup.parallel, query.shape[1]
             options["global_heads"] = (sp.rank * heads, sp.size * heads)
+        if options.get("carry"):
+            if setup.parallel is not None or setup.sharded is not None:
+                raise ValueError("select_merge carry hands blocks from layer to layer over all heads, which a rank "
+                                 "holding some of the heads does not see: set carry=0 with sequence parallelism "
+                                 "or a head-sharded cache")
+            options["link"] = setup.chain.link(module.layer_idx)
         if name == "dense" and kwargs.get("sliding_window") is not None:
             options.setdefault("sliding_window", kwargs["sliding_window"])
         rope = None

@@ -20,7 +20,10 @@ longreach's definition of the parts the paper's text did not settle (each an opt
   Turning the summary scores a block as attention would see it that far away (InfLLM gives all
   distant memory one distance); un-rotated, the high-frequency channels add noise; with ``shared``,
   that many of the ``top_k`` picks are common to the layer's heads (the blocks most heads rank among
-  their best two), so a block that a few retrieval heads find reaches every head;
+  their best two), so a block that a few retrieval heads find reaches every head; with ``carry``,
+  that many are the blocks that the surest head of this layer or of any earlier one in the same
+  forward pass found (a head's largest softmax over the candidates at temperature 1/2), so the few
+  heads that find a needle in a middle layer hand it to every head of the layers after;
 - each query block keeps its ``top_k`` best key blocks plus its own block, the ``local`` blocks
   before it and the first ``sink`` blocks;
 - merge: the kept blocks, in original order, form one sequence attended with one softmax
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -192,12 +196,48 @@ def top_indices(scores: Tensor, take: int) -> Tensor:
 
 
 SHARED_VOTES = 2  # each selection's best blocks that count as its votes for the shared ones
+CARRY_TEMPERATURE = 0.5  # of the softmax whose largest probability says how sure a head is of a block
+
+
+@dataclass
+class LayerChain:
+    """What ``carry`` hands from layer to layer in one forward pass: per layer index, the surest blocks of
+    each query block as (sureness, block) tensors (b, n_q, carry). Layer i reads what layer i - 1 wrote, so
+    a checkpointed layer recomputed in the backward pass reads what it read in the forward pass."""
+
+    written: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def link(self, layer: int) -> Link:
+        return Link(self, layer)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One layer's place in a :class:`LayerChain`."""
+
+    chain: LayerChain
+    layer: int
+
+    def prior(self) -> tuple[Tensor, Tensor] | None:
+        return self.chain.written.get(self.layer - 1)
+
+    def keep(self, sure: Tensor, blocks: Tensor) -> None:
+        self.chain.written[self.layer] = (sure, blocks)
 
 
 def _finite_top(scores: Tensor, take: int) -> Tensor:
     """:func:`top_indices` of masked ``scores`` (..., n), a pick without a finite score replaced by n."""
     best = top_indices(scores, take)
     return torch.where(torch.isfinite(scores.gather(-1, best)), best, scores.shape[-1])
+
+
+def _prior(link: Link | None, shape: tuple[int, ...]) -> tuple[Tensor, Tensor] | None:
+    prior = None if link is None else link.prior()
+    if prior is not None and tuple(prior[0].shape) != shape:
+        raise ValueError(f"select_merge carry: layer {link.layer - 1} left blocks for {tuple(prior[0].shape)} "
+                         f"(batch, query blocks, carry), this layer needs {shape}: every layer of one forward "
+                         "pass must select with the same options over the same queries")
+    return prior
 
 
 def with_shared(best: Callable[[int], Tensor], take: int, shared: int, n_k: int) -> Tensor:
@@ -216,11 +256,34 @@ def with_shared(best: Callable[[int], Tensor], take: int, shared: int, n_k: int)
     ballots = votes.transpose(1, 2).flatten(2)
     counts.scatter_add_(-1, ballots, torch.ones_like(ballots, dtype=counts.dtype))
     common = _finite_top(counts[..., :n_k].masked_fill(counts[..., :n_k] == 0, float("-inf")), shared)
-    common = common[:, None].expand(b, s, rows, shared)
-    # at most `shared` of a selection's best `take` are shared, so `take - shared` others remain
-    is_common = (ranked[..., :, None] == common[..., None, :]).any(-1) & (ranked < n_k)
-    own = ranked.gather(-1, is_common.to(torch.uint8).sort(dim=-1, stable=True).indices)
-    return torch.cat([own[..., : take - shared], common], -1)
+    return with_common(ranked, common[:, None].expand(b, s, rows, shared), n_k)
+
+
+def with_common(ranked: Tensor, common: Tensor, n_k: int) -> Tensor:
+    """Picks (b, s, rows, take) from each selection's ``take`` best blocks ``ranked`` (b, s, rows, take), best
+    first, and the blocks ``common`` (b, s, rows, c) to every selection, n_k for none: the common ones first,
+    then the selection's best of the others until ``take`` (at most c of its best are common, so enough
+    remain), n_k where none is left."""
+    is_common = (ranked[..., :, None] == common[..., None, :]).any(-1)
+    unused, order = torch.cat([common == n_k, is_common | (ranked == n_k)], -1).to(torch.uint8).sort(
+        dim=-1, stable=True)
+    take = ranked.shape[-1]
+    picks = torch.cat([common, ranked], -1).gather(-1, order[..., :take])
+    return torch.where(unused[..., :take].bool(), n_k, picks)
+
+
+def surest(scores: Tensor, prior: tuple[Tensor, Tensor] | None, carry: int, n_k: int) -> tuple[Tensor, Tensor]:
+    """The ``carry`` blocks (b, rows, carry) that some selection is surest of, and that sureness: each
+    selection's softmax over its candidates' ``scores`` (b, s, rows, n_k), -inf for non-candidates, at
+    :data:`CARRY_TEMPERATURE`, its largest over the selections and over ``prior`` (the same query blocks'
+    (sureness, blocks) of an earlier layer). n_k (sureness 0) where no block has any."""
+    sure = (scores.float() / CARRY_TEMPERATURE).softmax(-1).nan_to_num(0.0).amax(1)
+    sure = torch.cat([sure, sure.new_zeros(*sure.shape[:-1], 1)], -1)
+    if prior is not None:
+        sure.scatter_reduce_(-1, prior[1], prior[0], "amax")
+    blocks = top_indices(sure[..., :n_k], carry)
+    values = sure.gather(-1, blocks)
+    return values, torch.where(values > 0, blocks, n_k)
 
 
 def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_blocks: int, part: int, fused: bool,
@@ -238,7 +301,8 @@ def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_bloc
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
                   query_rows: int | None = None, per_head: bool = False, representatives: int = 4,
                   vote: str = "mean", rope: Rope | None = None, score_distance: int | None = None,
-                  v: Tensor | None = None, causal: bool = True, shared: int = 0) -> Tensor:
+                  v: Tensor | None = None, causal: bool = True, shared: int = 0, carry: int = 0,
+                  link: Link | None = None) -> Tensor:
     """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending.
 
     q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. Each query
@@ -253,13 +317,19 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
     With ``shared`` > 0, ``shared`` of the ``top_k`` picks are common to all the layer's selections (heads, or
     kv groups): the blocks that most of them count among their best :data:`SHARED_VOTES` (:func:`with_shared`).
+    With ``carry`` > 0 instead, ``carry`` of them are the blocks some selection of this layer, or of the
+    layers before it that wrote to ``link``'s chain, was surest of (:func:`surest`); the layer writes its own.
     With ``causal=False`` q and k are separate sequences (non-causal self or cross attention): query block
     i is rows i*B.. of q, every key block is a candidate, and the forced blocks are the first ``sink`` and
     those within ``local`` of index i on either side; K = sink + top_k + 2 local + 1.
     """
     group = check_shapes(q, k, k if v is None else v, causal)
-    if not 0 <= shared <= top_k:
-        raise ValueError(f"select_merge: shared must be in 0..top_k ({top_k}), got {shared}")
+    for name, value in (("shared", shared), ("carry", carry)):
+        if not 0 <= value <= top_k:
+            raise ValueError(f"select_merge: {name} must be in 0..top_k ({top_k}), got {value}")
+    if shared and carry:
+        raise ValueError(f"select_merge: shared ({shared}) and carry ({carry}) both choose the common picks; "
+                         "set one of them to 0")
     if v is not None and score != "max":
         raise ValueError(f"select_merge: value_norm weighs each key by its value, so it needs score='max', "
                          f"got {score!r}")
@@ -286,7 +356,10 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives, v)
-    fused_top = causal and _fused_top(q, n_k, take, per_head or vote == "mean")
+    fused_top = causal and not carry and _fused_top(q, n_k, take, per_head or vote == "mean")
+    carry = min(carry, take)
+    prior = _prior(link, (b, n_q, carry)) if carry else None
+    kept = (q.new_zeros(b, n_q, carry, dtype=torch.float32), picked.new_full((b, n_q, carry), n_k))
     for lo in range(0, n_q if take else 0, rows):
         # Non-causal: every block lies at or before the last one, so the causal kernel scores them all.
         scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
@@ -309,7 +382,16 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             scores = scores.masked_fill(~candidate, float("-inf"))
         else:
             scores = scores.mean(2)
+        if carry:
+            here = slice(lo, lo + scores.shape[2])
+            sure, common = surest(scores, prior and (prior[0][:, here], prior[1][:, here]), carry, n_k)
+            kept[0][:, here], kept[1][:, here] = sure, common
+            common = common[:, None].expand(*scores.shape[:3], carry)
+            picked[:, :, here, :take] = with_common(_finite_top(scores, take), common, n_k)
+            continue
         picked[:, :, lo : lo + rows, :take] = with_shared(functools.partial(_finite_top, scores), take, shared, n_k)
+    if link is not None and carry:
+        link.keep(*kept)
     forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
     table = torch.cat([forced, picked], dim=-1).sort(dim=-1).values
     table = torch.where(table < n_k, table, -1)
@@ -358,12 +440,15 @@ def select_merge(
     value_norm: bool = False,
     train_length: int | None = None,
     shared: int = 0,
+    carry: int = 0,
+    link: Link | None = None,
 ) -> Tensor:
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
 
-    ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote``, ``score_distance``, ``value_norm`` and
-    ``shared`` choose how blocks are selected (:func:`select_blocks`, turning the summaries with the merged
-    positions' rotary).
+    ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote``, ``score_distance``, ``value_norm``,
+    ``shared`` and ``carry`` (with ``link``, this layer's place in the forward pass' :class:`LayerChain`)
+    choose how blocks are selected (:func:`select_blocks`, turning the summaries with the merged positions'
+    rotary).
     With ``position_mode="selected"``, a merged span (at most K blocks, at most Lk) that may exceed
     ``train_length`` (the model's trained length) has its positions linearly interpolated into it.
     """
@@ -375,7 +460,8 @@ def select_merge(
         rope = merged_rope(require_rope(rope, "select_merge"), span, train_length)
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
                            query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
-                           rope=rope, score_distance=score_distance, v=v if value_norm else None, shared=shared)
+                           rope=rope, score_distance=score_distance, v=v if value_norm else None, shared=shared,
+                           carry=carry, link=link)
     if kernels.use_kernel(q, positions, block_size):
         return kernels.sparse_attention(q, k, v, blocks, positions=positions, rope=rope, block_size=block_size,
                                     scale=scale, merged_positions=position_mode == "selected")
