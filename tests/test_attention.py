@@ -270,6 +270,18 @@ def test_select_blocks_breaks_score_ties_by_the_lower_block():
     assert (top_indices(many, 5).sort(-1).values == torch.arange(5)).all()
 
 
+def block_logits(logits: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k (1, heads, 24, 4) in blocks of 4 whose query block 5 scores key block j (1-4) of each head by
+    ``logits[head][j - 1]`` (the block's best key; block 0, the sink, scores 0)."""
+    d, block = 4, 4
+    q, k = torch.zeros(1, len(logits), 24, d), torch.zeros(1, len(logits), 24, d)
+    q[0, :, 20:, 0] = 1.0
+    for head, row in enumerate(logits):
+        for jb, logit in enumerate(row, start=1):
+            k[0, head, jb * block, 0] = logit * d**0.5
+    return q, k
+
+
 def test_shared_blocks_reach_every_head():
     from longreach.attention.select_merge import select_blocks
 
@@ -277,14 +289,8 @@ def test_shared_blocks_reach_every_head():
     # two are its votes: block 2 gets three (heads 0-2), the most, so with one shared pick of two it reaches
     # every head, head 3 (which ranks it last) included, beside each head's own best of the other blocks:
     # for heads 0 and 1, whose best is block 2, their second best.
-    logits = [[1.0, 5.0, 0.5, 0.0], [0.5, 5.0, 1.0, 0.0], [1.0, 3.5, 3.0, 4.0], [3.0, -1.0, 1.0, 4.0]]
-    d, block = 4, 4
-    q, k = torch.zeros(1, 4, 24, d), torch.zeros(1, 4, 24, d)
-    q[0, :, 20:, 0] = 1.0
-    for head, row in enumerate(logits):
-        for jb, logit in enumerate(row, start=1):
-            k[0, head, jb * block, 0] = logit * d**0.5
-    opts = dict(block_size=block, top_k=2, local=0, sink=1, score="max", query_rows=None, per_head=True,
+    q, k = block_logits([[1.0, 5.0, 0.5, 0.0], [0.5, 5.0, 1.0, 0.0], [1.0, 3.5, 3.0, 4.0], [3.0, -1.0, 1.0, 4.0]])
+    opts = dict(block_size=4, top_k=2, local=0, sink=1, score="max", query_rows=None, per_head=True,
                 score_distance=None)
     assert select_blocks(q, k, **opts)[0, :, 5].tolist() == [[0, 1, 2, 5], [0, 2, 3, 5], [0, 2, 4, 5], [0, 1, 4, 5]]
     table = select_blocks(q, k, shared=1, **opts)[0, :, 5]
@@ -300,21 +306,12 @@ def test_carried_blocks_reach_the_layers_after():
     # block 3 (a logit 6 above the rest); in layer 1 neither head ranks block 3 in its best two, yet with
     # carry=1 every head of layer 1 keeps it beside its own best, and calling layer 1 again (a recomputed
     # checkpoint) selects the same.
-    def inputs(logits):
-        d, block = 4, 4
-        q, k = torch.zeros(1, 2, 24, d), torch.zeros(1, 2, 24, d)
-        q[0, :, 20:, 0] = 1.0
-        for head, row in enumerate(logits):
-            for jb, logit in enumerate(row, start=1):
-                k[0, head, jb * block, 0] = logit * d**0.5
-        return q, k
-
     opts = dict(block_size=4, top_k=2, local=0, sink=1, score="max", query_rows=None, per_head=True,
                 score_distance=None, carry=1)
     chain = LayerChain()
-    first = select_blocks(*inputs([[1.0, 1.2, 0.0, 0.5], [0.0, 0.1, 6.0, 0.2]]), link=chain.link(0), **opts)
+    first = select_blocks(*block_logits([[1.0, 1.2, 0.0, 0.5], [0.0, 0.1, 6.0, 0.2]]), link=chain.link(0), **opts)
     assert first[0, :, 5].tolist() == [[0, 2, 3, 5], [0, 3, 4, 5]]
-    layer1 = inputs([[2.0, 1.0, 0.0, 1.5], [0.5, 2.0, -1.0, 1.0]])
+    layer1 = block_logits([[2.0, 1.0, 0.0, 1.5], [0.5, 2.0, -1.0, 1.0]])
     # alone, layer 1 shares the block its own surest head picks (head 1's block 2, softmax 0.84)
     assert select_blocks(*layer1, **opts)[0, :, 5].tolist() == [[0, 1, 2, 5], [0, 2, 4, 5]]
     carried = select_blocks(*layer1, link=chain.link(1), **opts)
