@@ -317,6 +317,9 @@ def test_carried_blocks_reach_the_layers_after():
     carried = select_blocks(*layer1, link=chain.link(1), **opts)
     assert carried[0, :, 5].tolist() == [[0, 1, 3, 5], [0, 2, 3, 5]]
     assert torch.equal(select_blocks(*layer1, link=chain.link(1), **opts), carried)
+    q, k = (x.requires_grad_() for x in block_logits([[1.0, 1.2, 0.0, 0.5], [0.0, 0.1, 6.0, 0.2]]))
+    select_blocks(q, k, link=chain.link(0), **opts)
+    assert not chain.written[0][0].requires_grad  # a training step's graph is not held till the next
     with pytest.raises(ValueError, match="shared .* and carry .* both choose"):
         select_blocks(*layer1, **{**opts, "shared": 1})
     with pytest.raises(ValueError, match="layer 0 left blocks for"):

@@ -277,7 +277,7 @@ def surest(scores: Tensor, prior: tuple[Tensor, Tensor] | None, carry: int, n_k:
     selection's softmax over its candidates' ``scores`` (b, s, rows, n_k), -inf for non-candidates, at
     :data:`CARRY_TEMPERATURE`, its largest over the selections and over ``prior`` (the same query blocks'
     (sureness, blocks) of an earlier layer). n_k (sureness 0) where no block has any."""
-    sure = (scores.float() / CARRY_TEMPERATURE).softmax(-1).nan_to_num(0.0).amax(1)
+    sure = (scores.detach().float() / CARRY_TEMPERATURE).softmax(-1).nan_to_num(0.0).amax(1)  # no graph kept
     sure = torch.cat([sure, sure.new_zeros(*sure.shape[:-1], 1)], -1)
     if prior is not None:
         sure.scatter_reduce_(-1, prior[1], prior[0], "amax")
