@@ -7,8 +7,8 @@ For each needle prompt (the ones ``longreach needle`` builds, seed 0), one prefi
 at every layer the prompt's last query block's scores (:func:`select_blocks`'s default score, from the library's
 own summary and score functions) rank the candidate key blocks per query head, and the best 32 are kept. Recall is
 the share of (layer, head) pairs whose kept blocks hold a block of the needle's key: each head's best ``top_k``
-(the default), or, as the library picks them (``select_merge.with_shared``), its best ``top_k - c`` plus the ``c``
-blocks most often among the heads' best two (``shared=c``).
+(the default), or, as the library picks them (``select_merge.with_shared``), the ``c`` blocks most often among
+the heads' best two plus its best ``top_k - c`` of the others (``shared=c``).
 Writes ``OUT/selection_votes.json`` (the rankings and the recalls). ``--rescore FILE`` recomputes the recalls of
 such a file from its stored rankings, without a prefill, as the library picks now.
 """

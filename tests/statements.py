@@ -161,9 +161,10 @@ def select_merge(q, k, v, rope, scale, block, top_k, local, sink, mode, score="m
                                  for s in per_voter]
                 score_of = {jb: sum(s[jb] for s in per_voter) / len(per_voter) for jb in others}
                 ranked[unit] = sorted(others, key=lambda jb: -score_of[jb])
-                sureness[unit] = {jb: math.exp(2 * (score_of[jb] - max(score_of.values())))
-                                  / sum(math.exp(2 * (x - max(score_of.values()))) for x in score_of.values())
-                                  for jb in others}
+                if carry and others:  # softmax at temperature 1/2
+                    top = max(score_of.values())
+                    total = sum(math.exp(2 * (x - top)) for x in score_of.values())
+                    sureness[unit] = {jb: math.exp(2 * (score_of[jb] - top)) / total for jb in others}
             votes = {}
             for order in ranked.values():
                 for jb in order[:min(2, top_k, n_blocks)]:

@@ -358,8 +358,9 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     summary = key_summary(k, block_size, score, representatives, v)
     fused_top = causal and not carry and _fused_top(q, n_k, take, per_head or vote == "mean")
     carry = min(carry, take)
-    prior = _prior(link, (b, n_q, carry)) if carry else None
-    kept = (q.new_zeros(b, n_q, carry, dtype=torch.float32), picked.new_full((b, n_q, carry), n_k))
+    if carry:
+        prior = _prior(link, (b, n_q, carry))
+        kept = (q.new_zeros(b, n_q, carry, dtype=torch.float32), picked.new_full((b, n_q, carry), n_k))
     for lo in range(0, n_q if take else 0, rows):
         # Non-causal: every block lies at or before the last one, so the causal kernel scores them all.
         scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
@@ -382,14 +383,14 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             scores = scores.masked_fill(~candidate, float("-inf"))
         else:
             scores = scores.mean(2)
+        here = slice(lo, lo + rows)
         if carry:
-            here = slice(lo, lo + scores.shape[2])
             sure, common = surest(scores, prior and (prior[0][:, here], prior[1][:, here]), carry, n_k)
             kept[0][:, here], kept[1][:, here] = sure, common
             common = common[:, None].expand(*scores.shape[:3], carry)
             picked[:, :, here, :take] = with_common(_finite_top(scores, take), common, n_k)
-            continue
-        picked[:, :, lo : lo + rows, :take] = with_shared(functools.partial(_finite_top, scores), take, shared, n_k)
+        else:
+            picked[:, :, here, :take] = with_shared(functools.partial(_finite_top, scores), take, shared, n_k)
     if link is not None and carry:
         link.keep(*kept)
     forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
