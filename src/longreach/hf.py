@@ -168,10 +168,6 @@ def _attention(name: str):
             sp, heads = setup.parallel, query.shape[1]
             options["global_heads"] = (sp.rank * heads, sp.size * heads)
         if options.get("carry"):
-            if setup.parallel is not None or setup.sharded is not None:
-                raise ValueError("select_merge carry hands blocks from layer to layer over all heads, which a rank "
-                                 "holding some of the heads does not see: set carry=0 with sequence parallelism "
-                                 "or a head-sharded cache")
             options["link"] = setup.chain.link(module.layer_idx)
         if name == "dense" and kwargs.get("sliding_window") is not None:
             options.setdefault("sliding_window", kwargs["sliding_window"])
@@ -436,6 +432,10 @@ def extend(model: PreTrainedModel, *, position: str | None = None, attention: st
         if key in METHODS[method].options and key not in attn_opts:
             attn_opts[key] = int(rope_opts.get("original_max_position", model.config.max_position_embeddings))
     check_options(method, attn_opts)
+    if parallel is not None and attn_opts.get("carry"):
+        raise ValueError("select_merge carry hands blocks from layer to layer over all heads, which a rank holding "
+                         f"some of the heads does not see: set carry=0 (got {attn_opts['carry']}) with "
+                         "sequence_parallel")
     rope = _build_rope(model, backbone, position, dict(rope_opts))
     device = next(model.parameters()).device
     if isinstance(rope, pos.Rope) and device.type != "meta":
