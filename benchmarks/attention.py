@@ -13,10 +13,11 @@ also runs with ``position_mode="absolute"`` (q and k rotated outside, no rotary 
 show what the merged-position turn costs. sinks, dca and self_extend (frame methods: q and k
 rotated under each position map, then the frame kernel) have one row, the whole method with its
 kernels' device time; their FLOPs count one product per block pair, although pairs that straddle
-a frame border compute two or three. Writes JSON and a plot.
+a frame border compute two or three. Past ``--baseline-limit`` tokens only longreach is timed (SDPA and
+Flex would take minutes a step), to show how its cost grows. Writes JSON and a plot.
 
     python benchmarks/attention.py --out DIR [--lengths 8192,16384] [--heads 32] [--dim 128]
-        [--methods dca,sinks]
+        [--methods dca,sinks] [--baseline-limit 131072]
 """
 
 from __future__ import annotations
@@ -194,9 +195,10 @@ def framed_flops(name: str, q) -> float:
     return 4 * b * h * n * (n + 1) / 2 * block * block * dim
 
 
-def bench_method(name: str, q, k, v, grad, rope, dense_flops: float, variants: tuple[str, ...] = ()) -> list[dict]:
-    """Whole method, kernel alone and Flex on the same mask, for one method at one length; for select_merge
-    also the whole method under each of ``variants`` (options ``key=value/key=value``)."""
+def bench_method(name: str, q, k, v, grad, rope, dense_flops: float, variants: tuple[str, ...] = (),
+                 baselines: bool = True) -> list[dict]:
+    """Whole method, kernel alone and (with ``baselines``) Flex on the same mask, for one method at one length;
+    for select_merge also the whole method under each of ``variants`` (options ``key=value/key=value``)."""
     length, dim = q.shape[2], q.shape[3]
     pos = Positions.contiguous(1, length, length, "cuda")
     fn = METHODS[name].fn
@@ -230,7 +232,7 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float, variants: t
                                     merged_positions=merged, **rule)
 
         rows.append((impl, {**measure(run_kernel, (q, k, v), grad), **kernel_times(run_kernel, (q, k, v), grad)}))
-    if name in FLEX:
+    if name in FLEX and baselines:
         run_flex, how = flex_runner(table, block, length, rule, q, k, v, grad)
         rows.append(("flex_same_mask", {**measure(run_flex, (q, k, v), grad), "flex_layout": how}))
     print(f"L={length:>6} {name:<12} " + "  ".join(f"{impl} {rec['fwdbwd_ms']:.2f}" for impl, rec in rows)
@@ -238,7 +240,8 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float, variants: t
     return [{"L": length, "impl": impl, "method": name, "fwd_flops": flops, **rec} for impl, rec in rows]
 
 
-def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16, variants: tuple[str, ...] = ()) -> dict:
+def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16, variants: tuple[str, ...] = (),
+        baseline_limit: int | None = None) -> dict:
     rope = default(dim, 10000.0)
     records = []
     result = {}
@@ -248,11 +251,14 @@ def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16, va
                    for _ in range(3))
         grad = torch.randn_like(q)
         dense_flops = 4 * heads * dim * length * length / 2
-        sdpa = measure(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v), grad)
-        records.append({"L": length, "impl": "sdpa_causal", "method": "dense", "fwd_flops": dense_flops, **sdpa})
-        print(f"L={length:>6} sdpa        fwd {sdpa['fwd_ms']:8.2f} fwd+bwd {sdpa['fwdbwd_ms']:8.2f} ms", flush=True)
+        baselines = baseline_limit is None or length <= baseline_limit
+        if baselines:
+            sdpa = measure(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), (q, k, v), grad)
+            records.append({"L": length, "impl": "sdpa_causal", "method": "dense", "fwd_flops": dense_flops, **sdpa})
+            print(f"L={length:>6} sdpa        fwd {sdpa['fwd_ms']:8.2f} fwd+bwd {sdpa['fwdbwd_ms']:8.2f} ms",
+                  flush=True)
         for name in methods:
-            records += bench_method(name, q, k, v, grad, rope, dense_flops, variants)
+            records += bench_method(name, q, k, v, grad, rope, dense_flops, variants, baselines)
         del q, k, v, grad
         torch.cuda.empty_cache()
         for r in records:
@@ -305,13 +311,15 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(SPARSE), help=f"comma-separated subset of {SPARSE}")
     parser.add_argument("--select-merge", action="append", default=[], metavar="OPTIONS",
                         help="also time select_merge with these options (key=value/key=value), e.g. today's defaults")
+    parser.add_argument("--baseline-limit", type=int, default=None,
+                        help="the longest length that also times SDPA and Flex (longer ones time longreach alone)")
     args = parser.parse_args()
     methods = tuple(args.methods.split(","))
     if unknown := set(methods) - set(SPARSE):
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {SPARSE}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = run([int(x) for x in args.lengths.split(",")], args.heads, args.dim, args.out, methods,
-                 variants=tuple(args.select_merge))
+                 variants=tuple(args.select_merge), baseline_limit=args.baseline_limit)
     plot(result, args.out / "attention.png")
 
 
