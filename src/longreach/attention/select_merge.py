@@ -356,7 +356,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives, v)
-    fused_top = causal and not carry and _fused_top(q, n_k, take, per_head or vote == "mean")
+    fused_top = causal and _fused_top(q, n_k, take, per_head or vote == "mean")
     carry = min(carry, take)
     if carry:
         prior = _prior(link, (b, n_q, carry))
@@ -365,32 +365,32 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
         # Non-causal: every block lies at or before the last one, so the causal kernel scores them all.
         scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
                                first // block_size + lo if causal else n_k)
-        if fused_top:  # the kernel masks the non-candidates itself
+        here = slice(lo, lo + rows)
+        if not fused_top or carry:  # the kernel masks the non-candidates itself; carry's sureness needs them
+            apart = key_block < q_block[here] - local if causal else (key_block - q_block[here]).abs() > local
+            candidate = (key_block >= sink) & apart
+        if fused_top:
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
             best = functools.partial(_top_blocks, scores, first_block=first // block_size + lo,
                                      sink=sink, local=local)
-            picked[:, :, lo : lo + rows, :take] = with_shared(best, take, shared, n_k)
-            continue
-        if causal:
-            candidate = (key_block >= sink) & (key_block < q_block[lo : lo + rows] - local)
         else:
-            candidate = (key_block >= sink) & ((key_block - q_block[lo : lo + rows]).abs() > local)
-        scores = scores.masked_fill(~candidate, float("-inf"))
-        if per_head:
-            scores = scores.flatten(1, 2)
-        elif vote == "softmax":
-            scores = torch.where(candidate.any(-1, keepdim=True), scores.softmax(-1), 0.0).sum(2)
             scores = scores.masked_fill(~candidate, float("-inf"))
-        else:
-            scores = scores.mean(2)
-        here = slice(lo, lo + rows)
+            if per_head:
+                scores = scores.flatten(1, 2)
+            elif vote == "softmax":
+                scores = torch.where(candidate.any(-1, keepdim=True), scores.softmax(-1), 0.0).sum(2)
+                scores = scores.masked_fill(~candidate, float("-inf"))
+            else:
+                scores = scores.mean(2)
+            best = functools.partial(_finite_top, scores)
         if carry:
+            scores = scores.masked_fill(~candidate, float("-inf")) if fused_top else scores
             sure, common = surest(scores, prior and (prior[0][:, here], prior[1][:, here]), carry, n_k)
             kept[0][:, here], kept[1][:, here] = sure, common
             common = common[:, None].expand(*scores.shape[:3], carry)
-            picked[:, :, here, :take] = with_common(_finite_top(scores, take), common, n_k)
+            picked[:, :, here, :take] = with_common(best(take), common, n_k)
         else:
-            picked[:, :, here, :take] = with_shared(functools.partial(_finite_top, scores), take, shared, n_k)
+            picked[:, :, here, :take] = with_shared(best, take, shared, n_k)
     if link is not None and carry:
         link.keep(*kept)
     forced = torch.cat([sinks, near], dim=-1).expand(b, heads, n_q, -1)
