@@ -168,9 +168,9 @@ def test_sequence_parallel_errors():
         sequence_parallel(2)
     with pytest.raises(ValueError, match="multiples of 16"):  # 8 heads, 4 kv heads
         longreach.extend(tiny_llama(), attention="dense", sequence_parallel=SequenceParallel(size=16, rank=0))
+    two = SequenceParallel(size=2, rank=0)
     with pytest.raises(ValueError, match="set carry=0 \\(got 2\\) with sequence_parallel"):
-        sp = SequenceParallel(size=2, rank=0)
-        longreach.extend(tiny_llama(), attention="select_merge", carry=2, sequence_parallel=sp)
+        longreach.extend(tiny_llama(), attention="select_merge", carry=2, sequence_parallel=two)
 
 
 def test_sequence_parallel_finetune_needs_torchrun(tmp_path, monkeypatch):

@@ -373,6 +373,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
             best = functools.partial(_top_blocks, scores, first_block=first // block_size + lo,
                                      sink=sink, local=local)
+            if carry:
+                scores = scores.masked_fill(~candidate, float("-inf"))
         else:
             scores = scores.masked_fill(~candidate, float("-inf"))
             if per_head:
@@ -384,7 +386,6 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
                 scores = scores.mean(2)
             best = functools.partial(_finite_top, scores)
         if carry:
-            scores = scores.masked_fill(~candidate, float("-inf")) if fused_top else scores
             sure, common = surest(scores, prior and (prior[0][:, here], prior[1][:, here]), carry, n_k)
             kept[0][:, here], kept[1][:, here] = sure, common
             common = common[:, None].expand(*scores.shape[:3], carry)
