@@ -5,9 +5,10 @@ Run on the device: ``python benchmarks/profile_selection.py OUT.json --length 65
 mean of 10 calls after 3 warm-up calls), then profiles 3 selection calls with torch.profiler and
 records the CUDA time of each operator (summed over the 3 calls). ``--context N`` makes the queries the
 last ``--length`` of N keys, as one chunk of a long chunked prefill (e.g. SmolLM2's shapes at 4M:
-``--length 65536 --context 4194304 --heads 9 --kv-heads 3 --dim 64``). ``--tiles 64x4,128x8`` also times
-``select_blocks`` with the best-key kernel's tiles set to each ROWSxWARPS (query summaries per program and
-warps), as ``tiles_ms``: the choice of ``kernels/block_scores.py``'s ROWS and WARPS.
+``--length 65536 --context 4194304 --heads 9 --kv-heads 3 --dim 64``). ``--variants "STAGES=2;MAX_TILE=1024"``
+also times ``select_blocks`` with the kernels' constants set to each ``;``-separated assignment list, as
+``variants_ms``: the choice of ``kernels/block_scores.py``'s ROWS, WARPS, STAGES and ``kernels/block_topk.py``'s
+MAX_TILE. The profile records each operator's device time (``cuda_us``) and its host time (``cpu_us``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from longreach.attention.core import Positions
 from longreach.attention.select_merge import select_blocks, select_merge
-from longreach.kernels import block_scores
+from longreach.kernels import block_scores, block_topk
 from longreach.positions import default
 
 SELECTION = ("block_size", "top_k", "local", "sink", "score", "query_rows", "per_head", "score_distance")
@@ -43,21 +44,26 @@ def mean_ms(fn, calls: int = 10) -> float:
 
 @contextmanager
 def tiles(**constants: int):
-    """The best-key kernel's tile constants (``ROWS``, ``ROWS_FP32``, ``WARPS``) set for the block, then restored."""
-    saved = {name: getattr(block_scores, name) for name in constants}
+    """The selection kernels' constants (the best-key kernel's ``ROWS``, ``ROWS_FP32``, ``WARPS``, ``STAGES``,
+    the top-k kernel's ``MAX_TILE``) set for the block, then restored."""
+    modules = {name: block_scores if hasattr(block_scores, name) else block_topk for name in constants}
+    saved = {name: getattr(modules[name], name) for name in constants}
     for name, value in constants.items():
-        setattr(block_scores, name, value)
+        setattr(modules[name], name, value)
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(block_scores, name, value)
+            setattr(modules[name], name, value)
 
 
-def tiled_ms(tile: str, fn) -> float:
-    """mean_ms of fn with the best-key kernel's ROWS and WARPS set from ``tile`` (``ROWSxWARPS``)."""
-    rows, warps = (int(x) for x in tile.split("x"))
-    with tiles(ROWS=rows, WARPS=warps):
+def variant_ms(variant: str, fn) -> float:
+    """mean_ms of fn with the kernels' constants set by ``variant`` (``NAME=VALUE,...``)."""
+    constants = {name: int(value) for name, value in (part.split("=") for part in variant.split(","))}
+    unknown = [n for n in constants if not hasattr(block_scores, n) and not hasattr(block_topk, n)]
+    if unknown:
+        raise SystemExit(f"--variants: no kernel constant {unknown}")
+    with tiles(**constants):
         return mean_ms(fn)
 
 
@@ -69,7 +75,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--tiles", default="", help="ROWSxWARPS,... of the best-key kernel to time")
+    parser.add_argument("--variants", default="", help="NAME=VALUE,...;... kernel constants to time")
     args = parser.parse_args()
     torch.manual_seed(0)
     context, kv_heads = args.context or args.length, args.kv_heads or args.heads
@@ -83,19 +89,22 @@ def main() -> None:
     positions = Positions.contiguous(1, args.length, context, "cuda")
     with torch.no_grad():
         selection_ms = mean_ms(lambda: select_blocks(q, k, rope=rope, **options))
-        tiles_ms = {tile: tiled_ms(tile, lambda: select_blocks(q, k, rope=rope, **options))
-                    for tile in filter(None, args.tiles.split(","))}
+        variants_ms = {variant: variant_ms(variant, lambda: select_blocks(q, k, rope=rope, **options))
+                       for variant in filter(None, args.variants.split(";"))}
         forward_ms = mean_ms(lambda: select_merge(q, k, v, positions=positions, rope=rope))
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 select_blocks(q, k, rope=rope, **options)
             torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    events = prof.key_averages()
+    on_device = sorted(events, key=lambda e: -e.device_time_total)
+    on_host = sorted(events, key=lambda e: -e.self_cpu_time_total)
     record = {"length": args.length, "context": context, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
               "options": options,
               "device": torch.cuda.get_device_name(), "select_blocks_ms": selection_ms, "forward_ms": forward_ms,
-              "tiles_ms": tiles_ms,
-              "profile_calls": 3, "cuda_us": {e.key: e.device_time_total for e in events[:25] if e.device_time_total}}
+              "variants_ms": variants_ms, "profile_calls": 3,
+              "cuda_us": {e.key: e.device_time_total for e in on_device[:25] if e.device_time_total},
+              "cpu_us": {e.key: e.self_cpu_time_total for e in on_host[:40] if e.self_cpu_time_total}}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps(record, indent=1))
 

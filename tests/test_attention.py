@@ -359,7 +359,8 @@ def test_value_norm_ranks_keys_by_their_output_share():
         select_blocks(q, k, v=v, **{**opts, "score": "mean"})
 
 
-@pytest.mark.parametrize(("block", "first", "length"), [(8, 0, 70), (16, 3, 70), (16, 21, 5), (8, 16, 1)])
+@pytest.mark.parametrize(("block", "first", "length"),
+                         [(8, 0, 70), (16, 3, 70), (16, 21, 5), (8, 16, 1), (8, 0, 64), (16, 32, 48)])
 @pytest.mark.parametrize("last_rows", [None, 1, 3, 7])
 def test_block_means_of_the_last_rows(block, first, length, last_rows):
     from longreach.attention.select_merge import block_means

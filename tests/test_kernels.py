@@ -363,7 +363,8 @@ def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(sco
 @pytest.mark.parametrize(("rows", "n", "take", "first", "sink", "local"), [
     (7, 40, 4, 33, 1, 2),     # every row has candidates
     (9, 20, 8, 0, 1, 2),      # early rows have fewer candidates than take: the rest are n
-    (3, 1100, 8, 1097, 2, 0),  # one row per program
+    (3, 1100, 8, 1097, 2, 0),  # rows of five tiles of 256
+    (40, 1100, 8, 500, 1, 2),  # tiles past a program's last candidate skipped, the one holding it read
     (5, 300, 6, 290, 1, 2),    # rows walked in tiles of 64: ties across tiles go to the lower block
 ])
 def test_top_blocks_kernel_picks_as_the_reference(rows, n, take, first, sink, local, monkeypatch):

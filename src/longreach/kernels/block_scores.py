@@ -22,7 +22,7 @@ from .tiles import batch_head, row_offsets
 # chunk holds few query blocks (a 4M-token prompt's chunks hold about 30). float32 products are FMAs, not
 # tensor-core MMAs, and a 64 x 128 float32 tile spills registers (H200, the pretraining shape 256 x 6 heads x
 # 16 summaries: 5.08 ms a call at 64 rows, 0.27 at 16), so float32 keys take ROWS_FP32 rows.
-ROWS, ROWS_FP32, KEYS, STEPS, WARPS = 64, 16, 128, 16, 4
+ROWS, ROWS_FP32, KEYS, STEPS, WARPS, STAGES = 64, 16, 128, 16, 4, 3
 
 
 @triton.jit
@@ -42,19 +42,25 @@ def _block_max_kernel(Q, K, BIAS, OUT, sqb, sqh, sqn, skb, skh, skn, sbb, sbh, s
     COLS: tl.constexpr = KEYS // PART
     seen = tl.minimum(NB, FIRST + tl.minimum(tl.program_id(1) * ROWS + ROWS, NQ))
     lo = tl.program_id(2) * STEPS * COLS
-    for c0 in range(lo, tl.minimum(lo + STEPS * COLS, NB), COLS):
+    hi = tl.minimum(lo + STEPS * COLS, NB)
+    # The tiles some row may see, then the rest filled with -inf: a loop without a branch, so the key loads
+    # are pipelined.
+    computed = tl.minimum(hi, tl.maximum(seen, lo))
+    for c0 in range(lo, computed, COLS):
         blocks = c0 + tl.arange(0, COLS)
-        best = tl.full((ROWS, COLS), float("-inf"), tl.float32)
-        if c0 < seen:
-            index = c0 * PART + tl.arange(0, KEYS)
-            k = tl.load(keys + row_offsets(index, skn) + dh[None, :], mask=(index < NK)[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
-            if HAS_BIAS:
-                s += tl.load(bias + index.to(tl.int64), mask=index < NK, other=0.0)[None, :]
-            s = tl.where((index < NK)[None, :], s, float("-inf"))
-            best = tl.max(tl.reshape(s, (ROWS, COLS, PART)), axis=2)
-            best = tl.where(blocks[None, :] <= FIRST + rows[:, None], best, float("-inf"))
+        index = c0 * PART + tl.arange(0, KEYS)
+        k = tl.load(keys + row_offsets(index, skn) + dh[None, :], mask=(index < NK)[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT) * scale
+        if HAS_BIAS:
+            s += tl.load(bias + index.to(tl.int64), mask=index < NK, other=0.0)[None, :]
+        s = tl.where((index < NK)[None, :], s, float("-inf"))
+        best = tl.max(tl.reshape(s, (ROWS, COLS, PART)), axis=2)
+        best = tl.where(blocks[None, :] <= FIRST + rows[:, None], best, float("-inf"))
         tl.store(out + blocks[None, :], best, mask=(rows < NQ)[:, None] & (blocks < NB)[None, :])
+    unseen = tl.full((ROWS, COLS), float("-inf"), tl.float32)
+    for c0 in range(lo + tl.cdiv(computed - lo, COLS) * COLS, hi, COLS):
+        blocks = c0 + tl.arange(0, COLS)
+        tl.store(out + blocks[None, :], unseen, mask=(rows < NQ)[:, None] & (blocks < NB)[None, :])
 
 
 def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scale: float, first: int = 0,
@@ -85,5 +91,6 @@ def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scal
     _block_max_kernel[grid](q_bar, keys, bias, out, *q_bar.stride()[:3], *keys.stride()[:3], *bias.stride()[:2],
                             *out.stride()[:3], h, h // h_kv, nq, n_blocks, n_keys, first, scale, PART=part,
                             ROWS=rows, KEYS=KEYS, STEPS=STEPS, D=d, HAS_BIAS=has_bias,
-                            DOT="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=WARPS)
+                            DOT="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=WARPS,
+                            num_stages=STAGES)
     return out

@@ -20,6 +20,7 @@ from torch import Tensor
 
 MAX_TAKE = 128
 ELEMENTS = 4096  # scores a program holds at a time
+MAX_TILE = 256  # blocks of a row per tile: short enough that a causal row's masked tail is skipped
 
 
 @triton.jit
@@ -33,7 +34,8 @@ def _top_blocks_kernel(S, OUT, R, N, NQ, FIRST, SINK, LOCAL, TAKE: tl.constexpr,
     slot = tl.arange(0, SLOTS)
     top_v = tl.full((ROWS, SLOTS), float("-inf"), tl.float32)
     top_i = tl.full((ROWS, SLOTS), N, tl.int32)
-    for c0 in range(0, N, TILE):
+    # Past the program's last candidate every score is masked: those tiles are not read.
+    for c0 in range(0, tl.minimum(N, tl.max(last, axis=0)), TILE):
         cols = c0 + tl.arange(0, TILE)
         present = (rows < R)[:, None] & (cols < N)[None, :]
         candidate = present & (cols[None, :] >= SINK) & (cols[None, :] < last[:, None])
@@ -69,7 +71,7 @@ def top_blocks(scores: Tensor, take: int, first: int, sink: int, local: int) -> 
                          f"{MAX_TAKE}), got {scores.dtype}, {n} blocks, take {take}")
     scores = scores.contiguous()
     out = torch.empty(*scores.shape[:-1], take, device=scores.device, dtype=torch.int64)
-    tile = min(triton.next_power_of_2(n), ELEMENTS)
+    tile = min(triton.next_power_of_2(n), MAX_TILE, ELEMENTS)
     rows = ELEMENTS // tile
     count = scores.numel() // n
     _top_blocks_kernel[(triton.cdiv(count, rows),)](scores, out, count, n, nq, first, sink, local, TAKE=take,
