@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -358,6 +360,24 @@ def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(sco
     on_device = [select_blocks(q.to(DEVICE), k.to(DEVICE), v=values, **opts).cpu()
                  for values in (None, None if v is None else v.to(DEVICE))]
     assert all(torch.equal(a, e) for a, e in zip(on_device, expected, strict=True))
+
+
+@pytest.mark.parametrize("common", [{}, {"carry": 1}])
+def test_select_blocks_kernel_path_in_chunks_selects_as_the_reference(common, monkeypatch):
+    from longreach import kernels
+    from longreach.kernels import block_scores
+
+    module = importlib.import_module("longreach.attention.select_merge")  # the package's name is the function
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 4, 600, 32, generator=gen), torch.randn(1, 2, 600, 32, generator=gen)
+    opts = dict(block_size=16, top_k=3, local=1, sink=1, score="max", query_rows=4, per_head=True, **common)
+    expected = select_blocks(q, k, **opts)
+    monkeypatch.setattr(kernels, "enabled", lambda x: True)
+    monkeypatch.setattr(block_scores, "SCORES_PER_CHUNK", 1)  # one row tile (16 of the 38 query blocks) a chunk
+    monkeypatch.setattr(module, "tile_budget", lambda device: 1)  # carry's chunks: the same
+    assert block_scores.chunk_rows(torch.float32, 4, 38, 1) == 16
+    assert block_scores.chunk_rows(torch.bfloat16, 4, 38, 4 * 38 * 64 * 3 + 5) == 192
+    assert torch.equal(select_blocks(q.to(DEVICE), k.to(DEVICE), **opts).cpu(), expected)
 
 
 @pytest.mark.parametrize(("rows", "n", "take", "first", "sink", "local"), [

@@ -163,6 +163,12 @@ def _fused(score: str, q: Tensor, part: int) -> bool:
             and not part & (part - 1) and part <= 128)
 
 
+def _chunk_rows(dtype: torch.dtype, selections: int, n_blocks: int, budget: int | None) -> int:
+    from ..kernels.block_scores import SCORES_PER_CHUNK, chunk_rows
+
+    return chunk_rows(dtype, selections, n_blocks, SCORES_PER_CHUNK if budget is None else budget)
+
+
 def _fused_top(q: Tensor, n_blocks: int, take: int, plain: bool) -> bool:
     """Whether the kernel picks the blocks (masking, top-k, dropping non-finite picks in one pass): on
     ``plain`` scores (per head, or a group's mean; the softmax vote needs the candidate mask first)."""
@@ -354,12 +360,15 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     take = min(top_k, n_k)
     part = summary_rows(score, block_size, representatives)
     fused = _fused(score, q, part)
-    width = n_k * (1 if fused else part)
-    rows = max(1, tile_budget(q.device) // max(1, b * q_bar.shape[1] * q_bar.shape[2] * width))
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives, v)
     fused_top = causal and _fused_top(q, n_k, take, per_head or vote == "mean")
     carry = min(carry, take)
+    selections = b * q_bar.shape[1] * q_bar.shape[2]
+    if fused:  # scores that go straight to the top-k kernel may take a larger chunk than those PyTorch reads
+        rows = _chunk_rows(summary[0].dtype, selections, n_k, None if fused_top and not carry else tile_budget(device))
+    else:
+        rows = max(1, tile_budget(device) // (selections * n_k * part))
     if carry:
         prior = _prior(link, (b, n_q, carry))
         kept = (q.new_zeros(b, n_q, carry, dtype=torch.float32), picked.new_full((b, n_q, carry), n_k))

@@ -23,6 +23,19 @@ from .tiles import batch_head, row_offsets
 # tensor-core MMAs, and a 64 x 128 float32 tile spills registers (H200, the pretraining shape 256 x 6 heads x
 # 16 summaries: 5.08 ms a call at 64 rows, 0.27 at 16), so float32 keys take ROWS_FP32 rows.
 ROWS, ROWS_FP32, KEYS, STEPS, WARPS, STAGES = 64, 16, 128, 16, 4, 3
+# Scores one chunk of select_blocks' query blocks may hold when they go straight to the top-k kernel (float32,
+# 1 GiB). The row programs of one key range run side by side and share its keys in L2 only if a chunk holds
+# many row tiles: at 1M tokens (32 heads, 16,384 blocks) the core's 16M-element tile budget left 32 query blocks
+# a chunk, so every chunk read all the keys before it from memory, and half of each row tile was empty.
+SCORES_PER_CHUNK = 1 << 28
+
+
+def chunk_rows(dtype: torch.dtype, selections: int, n_blocks: int, budget: int) -> int:
+    """Query blocks per chunk of select_blocks on the kernel path: as many as ``budget`` scores of ``selections``
+    (batch x heads) rows of ``n_blocks`` allow, a multiple of the kernel's row tile for keys of ``dtype``, at
+    least one tile."""
+    tile = ROWS_FP32 if dtype == torch.float32 else ROWS
+    return max(1, budget // (selections * n_blocks * tile)) * tile
 
 
 @triton.jit
