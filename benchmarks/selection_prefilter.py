@@ -1,11 +1,12 @@
 """Would a cheap first stage keep the blocks that select_merge's best-key score picks? (CPU probe.)
 
 A selection linear in the length cannot score every key for every query block; a two-stage one would keep the N
-best blocks by a cheap score (the block's mean key, or Quest's minmax bound: L^2 / 4096 products) and rank
-only those by their best key. For the last query block of each needle prompt (the ones ``longreach needle``
+best blocks by a cheap score (the block's mean key, or Quest's minmax bound: L^2 / 4096 products; or the best of
+the block's 4 or 16 part means, ``rep4`` / ``rep16``: L^2 / 1024 and L^2 / 256) and rank only those by their best
+key. For the last query block of each needle prompt (the ones ``longreach needle``
 builds, seed 0) and each (layer, head), this records whether the needle's block is among the default's top 8
 (``best_key_top8``) and among the top 8 of the two-stage selection for each cheap score and N
-(``mean@N``, ``minmax@N``), and prints the share of (layer, head) pairs that keep it:
+(``mean@N``, ``minmax@N``, ``rep4@N``, ``rep16@N``), and prints the share of (layer, head) pairs that keep it:
 
     python benchmarks/selection_prefilter.py 32k 0.5,0.2 OUT.json
 """
@@ -22,7 +23,9 @@ from selection_votes import BLOCK, last_block_scores, needle_prefills
 
 from longreach.cli import parse_lengths
 
-CHEAP, SIZES, TOP_K = ("mean", "minmax"), (16, 32, 64, 128), 8
+# name: (score, representatives)
+CHEAP = {"mean": ("mean", 4), "minmax": ("minmax", 4), "rep4": ("representatives", 4), "rep16": ("representatives", 16)}
+SIZES, TOP_K = (16, 32, 64, 128), 8
 
 
 class Scores:
@@ -32,7 +35,8 @@ class Scores:
         self.layers = []
 
     def __call__(self, q, k, **options):
-        self.layers.append({score: last_block_scores(q, k, options["rope"], score) for score in ("max", *CHEAP)})
+        self.layers.append({name: last_block_scores(q, k, options["rope"], *how)
+                            for name, how in {"max": ("max", 4), **CHEAP}.items()})
         return select_blocks(q, k, **options)
 
 

@@ -36,15 +36,17 @@ BLOCK, TOP_K, KEPT = 64, 8, 32
 DEFAULTS = {name: param.default for name, param in inspect.signature(SELECT.select_merge).parameters.items()}
 
 
-def last_block_scores(q: torch.Tensor, k: torch.Tensor, rope, score: str) -> torch.Tensor:
-    """(heads, key blocks) scores by ``score`` of the prompt's last query block, summarised and turned as the
-    default selection does it, -inf for the blocks that are not candidates (the sinks, the local ones)."""
+def last_block_scores(q: torch.Tensor, k: torch.Tensor, rope, score: str,
+                      representatives: int = DEFAULTS["representatives"]) -> torch.Tensor:
+    """(heads, key blocks) scores by ``score`` (with ``representatives`` parts a block) of the prompt's last query
+    block, summarised and turned as the default selection does it, -inf for the blocks that are not candidates
+    (the sinks, the local ones)."""
     b, h, length, d = q.shape
     n_k = -(-length // BLOCK)
     q_bar = SELECT.block_means(q[:, :, (n_k - 1) * BLOCK:], BLOCK, 0, DEFAULTS["query_rows"])
     q_bar = rope.rotate(q_bar, q_bar.new_full((1,), DEFAULTS["score_distance"]))
-    summary = SELECT.key_summary(k, BLOCK, score, DEFAULTS["representatives"])
-    part = SELECT.summary_rows(score, BLOCK, DEFAULTS["representatives"])
+    summary = SELECT.key_summary(k, BLOCK, score, representatives)
+    part = SELECT.summary_rows(score, BLOCK, representatives)
     scores = SELECT.block_scores(q_bar.view(b, k.shape[1], h // k.shape[1], 1, d), summary, score, n_k,
                                  part)[0].flatten(0, 1)[:, 0]
     candidate = (torch.arange(n_k) >= DEFAULTS["sink"]) & (torch.arange(n_k) < n_k - 1 - DEFAULTS["local"])

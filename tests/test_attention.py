@@ -415,3 +415,49 @@ def test_noncausal_select_merge_over_every_block_is_dense_attention(q_len, k_len
     torch.testing.assert_close(out, dense, **TOL)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         noncausal_select_merge(q[:, :3], k, v)
+
+
+def _prefilter_statement(q, k, block, top_k, local, sink, keep, parts):
+    """Per (head, query block): the forced blocks and the top_k by best key among the ``keep`` best candidates by
+    the best of each block's ``parts`` part means, by loops (q and k of equal heads, every row summarised)."""
+    n, d = -(-k.shape[2] // block), q.shape[-1]
+    kept = []
+    for head in range(q.shape[1]):
+        rows = []
+        for i in range(n):
+            q_bar = q[0, head, i * block:(i + 1) * block].mean(0)
+            keys = [k[0, head, c * block:(c + 1) * block] for c in range(n)]
+            rep = {c: max(float(q_bar @ part.mean(0)) for part in keys[c].split(block // parts)) / d**0.5
+                   for c in range(sink, max(sink, i - local))}
+            short = sorted(rep, key=lambda c: (-rep[c], c))[:keep]
+            best = sorted(short, key=lambda c: (-float((keys[c] @ q_bar).max()), c))[:top_k]
+            forced = {c for c in range(min(sink, i + 1))} | {c for c in range(max(sink, i - local), i + 1)}
+            rows.append(sorted(forced | set(best)))
+        kept.append(rows)
+    return kept
+
+
+@pytest.mark.parametrize("keep", [2, 3, 50])
+def test_select_blocks_prefilter_keeps_the_best_key_among_the_best_part_means(keep):
+    from longreach.attention.select_merge import select_blocks
+
+    gen = torch.Generator().manual_seed(keep)
+    q, k = torch.randn(1, 3, 160, 8, generator=gen, dtype=torch.float64), torch.randn(1, 3, 160, 8, generator=gen,
+                                                                                         dtype=torch.float64)
+    opts = dict(block_size=16, top_k=2, local=1, sink=1, score="max", query_rows=None, per_head=True,
+                representatives=4, prefilter=keep)
+    table = select_blocks(q, k, **opts)
+    got = [[[c for c in row.tolist() if c >= 0] for row in head] for head in table[0]]
+    assert got == _prefilter_statement(q, k, 16, 2, 1, 1, keep, 4)
+    if keep >= 10:  # every candidate survives the first stage: the plain selection
+        assert torch.equal(table, select_blocks(q, k, **{**opts, "prefilter": 0}))
+
+
+def test_select_blocks_prefilter_bad_input():
+    from longreach.attention.select_merge import select_blocks
+
+    q = torch.randn(1, 2, 64, 8)
+    with pytest.raises(ValueError, match="prefilter must be 0 or at least top_k"):
+        select_blocks(q, q, block_size=16, top_k=2, local=1, sink=1, prefilter=1, per_head=True)
+    with pytest.raises(ValueError, match="needs per_head=True"):
+        select_blocks(q, q, block_size=16, top_k=2, local=1, sink=1, prefilter=2, per_head=False)

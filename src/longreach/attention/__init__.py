@@ -88,7 +88,7 @@ METHODS: dict[str, Method] = {
              "query_rows": _int(1, optional=True), "per_head": Option(bool), "representatives": _int(1),
              "vote": Option(str, choices=VOTES), "score_distance": _int(0, optional=True),
              "value_norm": Option(bool), "train_length": _int(2, optional=True), "shared": _int(0),
-             "carry": _int(0)},
+             "carry": _int(0), "prefilter": _int(0)},
             "correlation-aware select-and-merge block-sparse attention",
             noncausal=noncausal_select_merge,
         ),

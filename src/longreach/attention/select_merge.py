@@ -23,7 +23,10 @@ longreach's definition of the parts the paper's text did not settle (each an opt
   their best two), so a block that a few retrieval heads find reaches every head; with ``carry``,
   that many are the blocks that the surest head of this layer or of any earlier one in the same
   forward pass found (a head's largest softmax over the candidates at temperature 1/2), so the few
-  heads that find a needle in a middle layer hand it to every head of the layers after;
+  heads that find a needle in a middle layer hand it to every head of the layers after; with ``prefilter``,
+  a head's candidates are first cut to that many by the ``representatives`` score, and ``score`` ranks those
+  (on SmolLM2, the best key among 16 blocks cut so kept the needle's block in more heads than among all
+  blocks: ``benchmarks/results/smollm2/selection/prefilter_*``, a recall proxy);
 - each query block keeps its ``top_k`` best key blocks plus its own block, the ``local`` blocks
   before it and the first ``sink`` blocks;
 - merge: the kept blocks, in original order, form one sequence attended with one softmax
@@ -306,11 +309,22 @@ def _chunk_scores(q_bar: Tensor, summary: tuple[Tensor, ...], score: str, n_bloc
     return out.view(*q_bar.shape[:-1], n_blocks)
 
 
+def _prefiltered(q_bar: Tensor, summary: tuple[Tensor, ...], n_k: int, part: int, candidate: Tensor, keep: int,
+                 first_block: int) -> Tensor:
+    """Mask (b, h_kv, g, rows, n_k) of the ``keep`` best ``candidate`` blocks of each selection by the
+    ``representatives`` score of its query summaries q_bar (b, h_kv, g, rows, d) against the keys' part means
+    ``summary`` (:func:`key_summary`, ``part`` of them a block)."""
+    scores = _chunk_scores(q_bar, summary, "representatives", n_k, part, _fused("representatives", q_bar, part),
+                           first_block).masked_fill(~candidate, float("-inf"))
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top_indices(scores, min(keep, n_k)), True)
+    return kept & candidate
+
+
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
                   query_rows: int | None = None, per_head: bool = False, representatives: int = 4,
                   vote: str = "mean", rope: Rope | None = None, score_distance: int | None = None,
                   v: Tensor | None = None, causal: bool = True, shared: int = 0, carry: int = 0,
-                  link: Link | None = None) -> Tensor:
+                  link: Link | None = None, prefilter: int = 0) -> Tensor:
     """Key-block table (b, h, nq, K) of select-and-merge, -1 padded, ascending.
 
     q (b, h, Lq, d) un-rotated, k (b, h_kv, Lk, d) un-rotated. K = sink + top_k + local + 1. Each query
@@ -323,6 +337,9 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     (``score="max"`` only), each key's logit gains log |v| (:func:`value_logits`). Scores are formed for a
     bounded number of query blocks at a time,
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
+    With ``prefilter`` > 0 (per head only), a head's candidates are first cut to its ``prefilter`` best by the
+    ``representatives`` score (the best of each block's ``representatives`` part means, :func:`block_scores`),
+    and ``score`` ranks those only.
     With ``shared`` > 0, ``shared`` of the ``top_k`` picks are common to all the layer's selections (heads, or
     kv groups): the blocks that most of them count among their best :data:`SHARED_VOTES` (:func:`with_shared`).
     With ``carry`` > 0 instead, ``carry`` of them are the blocks some selection of this layer, or of the
@@ -335,6 +352,9 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     for name, value in (("shared", shared), ("carry", carry)):
         if not 0 <= value <= top_k:
             raise ValueError(f"select_merge: {name} must be in 0..top_k ({top_k}), got {value}")
+    if prefilter and (prefilter < top_k or not per_head):
+        raise ValueError(f"select_merge: prefilter must be 0 or at least top_k ({top_k}) and needs per_head=True, "
+                         f"got prefilter={prefilter}, per_head={per_head}")
     if shared and carry:
         raise ValueError(f"select_merge: shared ({shared}) and carry ({carry}) both choose the common picks; "
                          "set one of them to 0")
@@ -362,11 +382,13 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     fused = _fused(score, q, part)
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives, v)
+    parts = key_summary(k, block_size, "representatives", representatives) if prefilter else None
     fused_top = causal and _fused_top(q, n_k, take, per_head or vote == "mean")
     carry = min(carry, take)
     selections = b * q_bar.shape[1] * q_bar.shape[2]
     if fused:  # scores that go straight to the top-k kernel may take a larger chunk than those PyTorch reads
-        rows = _chunk_rows(summary[0].dtype, selections, n_k, None if fused_top and not carry else tile_budget(device))
+        direct = fused_top and not carry and not prefilter  # no PyTorch pass over the scores
+        rows = _chunk_rows(summary[0].dtype, selections, n_k, None if direct else tile_budget(device))
     else:
         rows = max(1, tile_budget(device) // (selections * n_k * part))
     if carry:
@@ -377,9 +399,13 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
         scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
                                first // block_size + lo if causal else n_k)
         here = slice(lo, lo + rows)
-        if not fused_top or carry:  # the kernel masks the non-candidates itself; carry's sureness needs them
+        if not fused_top or carry or prefilter:  # the kernel masks the non-candidates itself
             apart = key_block < q_block[here] - local if causal else (key_block - q_block[here]).abs() > local
             candidate = (key_block >= sink) & apart
+        if prefilter:
+            kept = _prefiltered(q_bar[:, :, :, here], parts, n_k, summary_rows("representatives", block_size,
+                                representatives), candidate, prefilter, first // block_size + lo if causal else n_k)
+            scores = scores.masked_fill(~kept, float("-inf"))
         if fused_top:
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
             best = functools.partial(_top_blocks, scores, first_block=first // block_size + lo,
@@ -455,6 +481,7 @@ def select_merge(
     shared: int = 0,
     carry: int = 0,
     link: Link | None = None,
+    prefilter: int = 0,
 ) -> Tensor:
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
 
@@ -474,7 +501,7 @@ def select_merge(
     blocks = select_blocks(q, k, block_size=block_size, top_k=top_k, local=local, sink=sink, score=score,
                            query_rows=query_rows, per_head=per_head, representatives=representatives, vote=vote,
                            rope=rope, score_distance=score_distance, v=v if value_norm else None, shared=shared,
-                           carry=carry, link=link)
+                           carry=carry, link=link, prefilter=prefilter)
     if kernels.use_kernel(q, positions, block_size):
         return kernels.sparse_attention(q, k, v, blocks, positions=positions, rope=rope, block_size=block_size,
                                     scale=scale, merged_positions=position_mode == "selected")
