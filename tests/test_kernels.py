@@ -347,7 +347,8 @@ def test_block_max_kernel_matches_the_reference(score, representatives, k_len, q
 
 
 @pytest.mark.parametrize("score", ["max", "representatives"])
-@pytest.mark.parametrize("common", [{}, {"shared": 1}, {"carry": 1}, {"carry": 2}, {"prefilter": 3}])
+@pytest.mark.parametrize("common", [{}, {"shared": 1}, {"carry": 1}, {"carry": 2}, {"prefilter": 3},
+                                    {"carry": 1, "prefilter": 3}])
 def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(score, common, monkeypatch):
     from longreach import kernels
 

@@ -403,9 +403,9 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             apart = key_block < q_block[here] - local if causal else (key_block - q_block[here]).abs() > local
             candidate = (key_block >= sink) & apart
         if prefilter:
-            kept = _prefiltered(q_bar[:, :, :, here], parts, n_k, summary_rows("representatives", block_size,
-                                representatives), candidate, prefilter, first // block_size + lo if causal else n_k)
-            scores = scores.masked_fill(~kept, float("-inf"))
+            short = _prefiltered(q_bar[:, :, :, here], parts, n_k, summary_rows("representatives", block_size,
+                                 representatives), candidate, prefilter, first // block_size + lo if causal else n_k)
+            scores = scores.masked_fill(~short, float("-inf"))
         if fused_top:
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
             best = functools.partial(_top_blocks, scores, first_block=first // block_size + lo,
@@ -486,9 +486,9 @@ def select_merge(
     """Select-and-merge attention. q (b, h, Lq, d), k/v (b, h_kv, Lk, d) -> (b, h, Lq, d).
 
     ``score``, ``query_rows``, ``per_head``, ``representatives``, ``vote``, ``score_distance``, ``value_norm``,
-    ``shared`` and ``carry`` (with ``link``, this layer's place in the forward pass' :class:`LayerChain`)
-    choose how blocks are selected (:func:`select_blocks`, turning the summaries with the merged positions'
-    rotary).
+    ``shared``, ``carry`` (with ``link``, this layer's place in the forward pass' :class:`LayerChain`) and
+    ``prefilter`` choose how blocks are selected (:func:`select_blocks`, turning the summaries with the merged
+    positions' rotary).
     With ``position_mode="selected"``, a merged span (at most K blocks, at most Lk) that may exceed
     ``train_length`` (the model's trained length) has its positions linearly interpolated into it.
     """
