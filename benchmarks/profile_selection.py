@@ -42,11 +42,19 @@ def mean_ms(fn, calls: int = 10) -> float:
     return start.elapsed_time(end) / calls
 
 
+def _owner(name: str) -> object:
+    """The kernel module holding the constant ``name``: the best-key kernel's, else the top-k kernel's."""
+    for module in (block_scores, block_topk):
+        if hasattr(module, name):
+            return module
+    raise SystemExit(f"--variants: no kernel constant {name!r}")
+
+
 @contextmanager
 def tiles(**constants: int):
     """The selection kernels' constants (the best-key kernel's ``ROWS``, ``ROWS_FP32``, ``WARPS``, ``STAGES``,
     the top-k kernel's ``MAX_TILE``) set for the block, then restored."""
-    modules = {name: block_scores if hasattr(block_scores, name) else block_topk for name in constants}
+    modules = {name: _owner(name) for name in constants}
     saved = {name: getattr(modules[name], name) for name in constants}
     for name, value in constants.items():
         setattr(modules[name], name, value)
@@ -60,9 +68,6 @@ def tiles(**constants: int):
 def variant_ms(variant: str, fn) -> float:
     """mean_ms of fn with the kernels' constants set by ``variant`` (``NAME=VALUE,...``)."""
     constants = {name: int(value) for name, value in (part.split("=") for part in variant.split(","))}
-    unknown = [n for n in constants if not hasattr(block_scores, n) and not hasattr(block_topk, n)]
-    if unknown:
-        raise SystemExit(f"--variants: no kernel constant {unknown}")
     with tiles(**constants):
         return mean_ms(fn)
 

@@ -383,6 +383,7 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives, v)
     parts = key_summary(k, block_size, "representatives", representatives) if prefilter else None
+    parts_rows = summary_rows("representatives", block_size, representatives) if prefilter else 0
     fused_top = causal and _fused_top(q, n_k, take, per_head or vote == "mean")
     carry = min(carry, take)
     selections = b * q_bar.shape[1] * q_bar.shape[2]
@@ -403,8 +404,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
             apart = key_block < q_block[here] - local if causal else (key_block - q_block[here]).abs() > local
             candidate = (key_block >= sink) & apart
         if prefilter:
-            short = _prefiltered(q_bar[:, :, :, here], parts, n_k, summary_rows("representatives", block_size,
-                                 representatives), candidate, prefilter, first // block_size + lo if causal else n_k)
+            short = _prefiltered(q_bar[:, :, :, here], parts, n_k, parts_rows, candidate, prefilter,
+                                 first // block_size + lo if causal else n_k)
             scores = scores.masked_fill(~short, float("-inf"))
         if fused_top:
             scores = scores.flatten(1, 2) if per_head else scores.mean(2)
