@@ -8,7 +8,9 @@ last ``--length`` of N keys, as one chunk of a long chunked prefill (e.g. SmolLM
 ``--length 65536 --context 4194304 --heads 9 --kv-heads 3 --dim 64``). ``--variants "STAGES=2;MAX_TILE=1024"``
 also times ``select_blocks`` with the kernels' constants set to each ``;``-separated assignment list, as
 ``variants_ms``: the choice of ``kernels/block_scores.py``'s ROWS, WARPS, STAGES and ``kernels/block_topk.py``'s
-MAX_TILE. The profile records each operator's device time (``cuda_us``) and its host time (``cpu_us``).
+MAX_TILE. ``--selections "prefilter=16;prefilter=16,representatives=16"`` times ``select_blocks`` with the default
+options updated by each ``;``-separated list, as ``selections_ms`` (e.g. the two-stage selection ``prefilter``
+takes). The profile records each operator's device time (``cuda_us``) and its host time (``cpu_us``).
 """
 
 from __future__ import annotations
@@ -65,10 +67,14 @@ def tiles(**constants: int):
             setattr(modules[name], name, value)
 
 
+def assignments(text: str) -> dict[str, int]:
+    """``NAME=VALUE,...`` as {NAME: int(VALUE)}."""
+    return {name: int(value) for name, value in (part.split("=") for part in text.split(","))}
+
+
 def variant_ms(variant: str, fn) -> float:
     """mean_ms of fn with the kernels' constants set by ``variant`` (``NAME=VALUE,...``)."""
-    constants = {name: int(value) for name, value in (part.split("=") for part in variant.split(","))}
-    with tiles(**constants):
+    with tiles(**assignments(variant)):
         return mean_ms(fn)
 
 
@@ -81,6 +87,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--variants", default="", help="NAME=VALUE,...;... kernel constants to time")
+    parser.add_argument("--selections", default="", help="NAME=VALUE,...;... select_blocks options to time")
     args = parser.parse_args()
     torch.manual_seed(0)
     context, kv_heads = args.context or args.length, args.kv_heads or args.heads
@@ -96,6 +103,9 @@ def main() -> None:
         selection_ms = mean_ms(lambda: select_blocks(q, k, rope=rope, **options))
         variants_ms = {variant: variant_ms(variant, lambda: select_blocks(q, k, rope=rope, **options))
                        for variant in filter(None, args.variants.split(";"))}
+        chosen = {text: {**options, **assignments(text)} for text in filter(None, args.selections.split(";"))}
+        selections_ms = {text: mean_ms(lambda opts=opts: select_blocks(q, k, rope=rope, **opts))
+                         for text, opts in chosen.items()}
         forward_ms = mean_ms(lambda: select_merge(q, k, v, positions=positions, rope=rope))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
@@ -107,7 +117,7 @@ def main() -> None:
     record = {"length": args.length, "context": context, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
               "options": options,
               "device": torch.cuda.get_device_name(), "select_blocks_ms": selection_ms, "forward_ms": forward_ms,
-              "variants_ms": variants_ms, "profile_calls": 3,
+              "variants_ms": variants_ms, "selections_ms": selections_ms, "profile_calls": 3,
               "cuda_us": {e.key: e.device_time_total for e in on_device[:25] if e.device_time_total},
               "cpu_us": {e.key: e.self_cpu_time_total for e in on_host[:40] if e.self_cpu_time_total}}
     args.out.write_text(json.dumps(record, indent=1) + "\n")

@@ -348,7 +348,7 @@ def test_block_max_kernel_matches_the_reference(score, representatives, k_len, q
 
 @pytest.mark.parametrize("score", ["max", "representatives"])
 @pytest.mark.parametrize("common", [{}, {"shared": 1}, {"carry": 1}, {"carry": 2}, {"prefilter": 3},
-                                    {"carry": 1, "prefilter": 3}])
+                                    {"carry": 1, "prefilter": 3}, {"shared": 1, "prefilter": 4}])
 def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(score, common, monkeypatch):
     from longreach import kernels
 
@@ -363,7 +363,7 @@ def test_select_blocks_through_the_block_max_kernel_selects_as_the_reference(sco
     assert all(torch.equal(a, e) for a, e in zip(on_device, expected, strict=True))
 
 
-@pytest.mark.parametrize("common", [{}, {"carry": 1}])
+@pytest.mark.parametrize("common", [{}, {"carry": 1}, {"prefilter": 5}])
 def test_select_blocks_kernel_path_in_chunks_selects_as_the_reference(common, monkeypatch):
     from longreach import kernels
     from longreach.kernels import block_scores
@@ -407,6 +407,50 @@ def test_top_blocks_kernel_picks_as_the_reference(rows, n, take, first, sink, lo
     expected = torch.where(torch.isfinite(masked.gather(-1, best)), best, n)
     out = top_blocks(scores.to(DEVICE), take, first, sink, local).cpu()
     assert torch.equal(out, expected)  # the same blocks in the same order: best first, ties to the lower block
+
+
+@pytest.mark.parametrize(("part", "n_keys", "m", "take", "bias"), [
+    (4, 160, 5, 3, False),   # 40 blocks of 4 rows; five candidates, a non-power-of-two list
+    (16, 150, 8, 8, False),  # the last block holds 6 of its 16 rows; every candidate kept
+    (16, 150, 6, 2, True),   # each row's log |v| added (value_norm)
+    (1, 40, 3, 1, False),    # one row a block (the part means themselves)
+])
+def test_ranked_blocks_kernel_picks_as_the_reference(part, n_keys, m, take, bias):
+    """Integer-valued operands make every score exact whatever the summation order, and ties common."""
+    from longreach.attention.select_merge import _finite_top
+    from longreach.kernels.block_rank import ranked_blocks
+
+    gen = torch.Generator().manual_seed(part + m)
+    n_blocks = -(-n_keys // part)
+    q_bar = torch.randint(-2, 3, (2, 4, 7, 32), generator=gen).float()
+    keys = torch.randint(-2, 3, (2, 2, n_keys, 32), generator=gen).float()
+    row_bias = torch.randint(-3, 3, (2, 2, n_keys), generator=gen).float() if bias else None
+    candidates = torch.rand(2, 4, 7, n_blocks, generator=gen).argsort(-1)[..., :m]
+    candidates[0, 1, 2, 1:] = n_blocks  # a summary with one candidate, fewer than take where take > 1
+    candidates[1, 3, 0] = n_blocks  # one without any
+    logits = q_bar @ keys.repeat_interleave(2, 1).transpose(-1, -2) * 0.5  # query head j reads kv head j // 2
+    if row_bias is not None:
+        logits = logits + row_bias.repeat_interleave(2, 1)[:, :, None]
+    padded = torch.cat([logits, logits.new_full((2, 4, 7, n_blocks * part - n_keys), float("-inf"))], -1)
+    full = padded.view(2, 4, 7, n_blocks, part).amax(-1)
+    listed = torch.zeros(2, 4, 7, n_blocks + 1, dtype=torch.bool).scatter(-1, candidates, True)[..., :n_blocks]
+    expected = _finite_top(full.masked_fill(~listed, float("-inf")), take)
+    out = ranked_blocks(q_bar.to(DEVICE), keys.to(DEVICE), candidates.to(DEVICE), n_blocks, part, 0.5, take,
+                        None if row_bias is None else row_bias.to(DEVICE)).cpu()
+    assert torch.equal(out, expected)  # the same blocks in the same order: best first, ties to the lower block
+
+
+def test_ranked_blocks_kernel_bad_input():
+    from longreach.kernels.block_rank import ranked_blocks
+
+    q, k = torch.zeros(1, 2, 3, 32, device=DEVICE), torch.zeros(1, 1, 64, 32, device=DEVICE)
+    cands = torch.zeros(1, 2, 3, 4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="part a power of two"):
+        ranked_blocks(q, k, cands, 4, 12, 1.0, 2)
+    with pytest.raises(ValueError, match="take in 1..min"):
+        ranked_blocks(q, k, cands, 4, 16, 1.0, 5)
+    with pytest.raises(ValueError, match="candidates must be"):
+        ranked_blocks(q, k, cands[:, :1], 4, 16, 1.0, 2)
 
 
 def test_top_blocks_kernel_bad_input():

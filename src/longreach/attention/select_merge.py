@@ -320,6 +320,29 @@ def _prefiltered(q_bar: Tensor, summary: tuple[Tensor, ...], n_k: int, part: int
     return kept & candidate
 
 
+def _ranked(q_bar: Tensor, summary: tuple[Tensor, ...], parts: tuple[Tensor, ...], n_k: int, part: int,
+            parts_rows: int, keep: int, first_block: int, sink: int, local: int, take: int) -> Tensor:
+    """Picks (b, h, rows, take) of query summaries q_bar (b, h_kv, g, rows, d) in two kernel passes: each head's
+    ``keep`` best candidates by the ``representatives`` score against the part means ``parts``, then the best
+    ``take`` of those by the best row of ``summary`` (``part`` rows a block), gathering only their keys. The
+    picks of :func:`_prefiltered`'s mask and the top-k kernel, without scoring every block by ``summary``."""
+    from ..kernels.block_rank import ranked_blocks
+
+    scale = q_bar.shape[-1] ** -0.5
+    scores = _chunk_scores(q_bar, parts, "representatives", n_k, parts_rows, True, first_block).flatten(1, 2)
+    short = _top_blocks(scores, min(keep, n_k), first_block, sink, local)
+    bias = summary[1][:, :, 0, 0] if len(summary) == 2 else None
+    return ranked_blocks(q_bar.flatten(1, 2), summary[0][:, :, 0], short, n_k, part, scale, take, bias)
+
+
+def _staged(q: Tensor, fused: bool, fused_top: bool, prefilter: int, carry: int, parts_rows: int, n_k: int) -> bool:
+    """Whether ``prefilter`` takes :func:`_ranked`'s two passes (carry needs every candidate's score)."""
+    from ..kernels.block_topk import MAX_TAKE
+
+    return (fused and fused_top and prefilter > 0 and not carry and _fused("representatives", q, parts_rows)
+            and min(prefilter, n_k) <= MAX_TAKE)
+
+
 def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: int, sink: int, score: str = "mean",
                   query_rows: int | None = None, per_head: bool = False, representatives: int = 4,
                   vote: str = "mean", rope: Rope | None = None, score_distance: int | None = None,
@@ -339,7 +362,8 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     so memory stays O(L) plus one (chunk x L/B) score tile of at most the core's tile budget.
     With ``prefilter`` > 0 (per head only), a head's candidates are first cut to its ``prefilter`` best by the
     ``representatives`` score (the best of each block's ``representatives`` part means, :func:`block_scores`),
-    and ``score`` ranks those only.
+    and ``score`` ranks those only (on the kernel path without ``carry``, only those are scored by ``score``:
+    :func:`_ranked`).
     With ``shared`` > 0, ``shared`` of the ``top_k`` picks are common to all the layer's selections (heads, or
     kv groups): the blocks that most of them count among their best :data:`SHARED_VOTES` (:func:`with_shared`).
     With ``carry`` > 0 instead, ``carry`` of them are the blocks some selection of this layer, or of the
@@ -386,9 +410,10 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     parts_rows = summary_rows("representatives", block_size, representatives) if prefilter else 0
     fused_top = causal and _fused_top(q, n_k, take, per_head or vote == "mean")
     carry = min(carry, take)
+    staged = _staged(q, fused, fused_top, prefilter, carry, parts_rows, n_k)
     selections = b * q_bar.shape[1] * q_bar.shape[2]
     if fused:  # scores that go straight to the top-k kernel may take a larger chunk than those PyTorch reads
-        direct = fused_top and not carry and not prefilter  # no PyTorch pass over the scores
+        direct = fused_top and not carry and (staged or not prefilter)  # no PyTorch pass over the scores
         rows = _chunk_rows(summary[0].dtype, selections, n_k, None if direct else tile_budget(device))
     else:
         rows = max(1, tile_budget(device) // (selections * n_k * part))
@@ -396,10 +421,15 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
         prior = _prior(link, (b, n_q, carry))
         kept = (q.new_zeros(b, n_q, carry, dtype=torch.float32), picked.new_full((b, n_q, carry), n_k))
     for lo in range(0, n_q if take else 0, rows):
+        here = slice(lo, lo + rows)
+        if staged:
+            best = functools.partial(_ranked, q_bar[:, :, :, here], summary, parts, n_k, part, parts_rows, prefilter,
+                                     first // block_size + lo, sink, local)
+            picked[:, :, here, :take] = with_shared(best, take, shared, n_k)
+            continue
         # Non-causal: every block lies at or before the last one, so the causal kernel scores them all.
         scores = _chunk_scores(q_bar[:, :, :, lo : lo + rows], summary, score, n_k, part, fused,
                                first // block_size + lo if causal else n_k)
-        here = slice(lo, lo + rows)
         if not fused_top or carry or prefilter:  # the kernel masks the non-candidates itself
             apart = key_block < q_block[here] - local if causal else (key_block - q_block[here]).abs() > local
             candidate = (key_block >= sink) & apart
