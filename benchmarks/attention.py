@@ -14,7 +14,9 @@ show what the merged-position turn costs. sinks, dca and self_extend (frame meth
 rotated under each position map, then the frame kernel) have one row, the whole method with its
 kernels' device time; their FLOPs count one product per block pair, although pairs that straddle
 a frame border compute two or three. Past ``--baseline-limit`` tokens only longreach is timed (SDPA and
-Flex would take minutes a step), to show how its cost grows. Writes JSON and a plot.
+Flex would take minutes a step), to show how its cost grows. The rotary frequencies live on the GPU, where
+``longreach.extend`` puts a model's; ``--rope-device cpu`` leaves them on the host, as the runs before
+2026-12-03 did, where each call copies them over and waits for the copy. Writes JSON and a plot.
 
     python benchmarks/attention.py --out DIR [--lengths 8192,16384] [--heads 32] [--dim 128]
         [--methods dca,sinks] [--baseline-limit 131072]
@@ -241,8 +243,8 @@ def bench_method(name: str, q, k, v, grad, rope, dense_flops: float, variants: t
 
 
 def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16, variants: tuple[str, ...] = (),
-        baseline_limit: int | None = None) -> dict:
-    rope = default(dim, 10000.0)
+        baseline_limit: int | None = None, rope_device: str = "cuda") -> dict:
+    rope = default(dim, 10000.0).to(rope_device)
     records = []
     result = {}
     for length in lengths:
@@ -271,6 +273,7 @@ def run(lengths, heads, dim, out: Path, methods=SPARSE, dtype=torch.bfloat16, va
             "device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "python": platform.python_version(),
             "config": {"batch": 1, "heads": heads, "head_dim": dim, "dtype": str(dtype), "lengths": lengths,
+                       "rope_device": rope_device,
                        "defaults": {n: METHODS[n].defaults() for n in methods}},
             "records": records,
         }
@@ -311,6 +314,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(SPARSE), help=f"comma-separated subset of {SPARSE}")
     parser.add_argument("--select-merge", action="append", default=[], metavar="OPTIONS",
                         help="also time select_merge with these options (key=value/key=value), e.g. today's defaults")
+    parser.add_argument("--rope-device", default="cuda", choices=("cuda", "cpu"),
+                        help="where the rotary frequencies live (cpu: copied to the GPU each call)")
     parser.add_argument("--baseline-limit", type=int, default=None,
                         help="the longest length that also times SDPA and Flex (longer ones time longreach alone)")
     args = parser.parse_args()
@@ -319,7 +324,7 @@ def main() -> None:
         parser.error(f"--methods: unknown {sorted(unknown)}; choose from {SPARSE}")
     args.out.mkdir(parents=True, exist_ok=True)
     result = run([int(x) for x in args.lengths.split(",")], args.heads, args.dim, args.out, methods,
-                 variants=tuple(args.select_merge), baseline_limit=args.baseline_limit)
+                 variants=tuple(args.select_merge), baseline_limit=args.baseline_limit, rope_device=args.rope_device)
     plot(result, args.out / "attention.png")
 
 

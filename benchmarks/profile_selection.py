@@ -95,7 +95,7 @@ def main() -> None:
         raise SystemExit(f"--context ({context}) must be >= --length ({args.length}) and --kv-heads divide --heads")
     q = torch.randn(1, args.heads, args.length, args.dim, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, kv_heads, context, args.dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    rope = default(args.dim, 10000.0)
+    rope = default(args.dim, 10000.0).to("cuda")  # where longreach.extend puts a model's: no copy a call
     defaults = inspect.signature(select_merge).parameters
     options = {name: defaults[name].default for name in SELECTION}
     positions = Positions.contiguous(1, args.length, context, "cuda")
