@@ -415,8 +415,9 @@ def test_top_blocks_kernel_picks_as_the_reference(rows, n, take, first, sink, lo
     (16, 150, 6, 2, True),   # each row's log |v| added (value_norm)
     (1, 40, 3, 1, False),    # one row a block (the part means themselves)
 ])
-def test_ranked_blocks_kernel_picks_as_the_reference(part, n_keys, m, take, bias):
-    """Integer-valued operands make every score exact whatever the summation order, and ties common."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ranked_blocks_kernel_picks_as_the_reference(part, n_keys, m, take, bias, dtype):
+    """Integer-valued operands make every score exact whatever the summation order and dtype, and ties common."""
     from longreach.attention.select_merge import _finite_top
     from longreach.kernels.block_rank import ranked_blocks
 
@@ -435,7 +436,7 @@ def test_ranked_blocks_kernel_picks_as_the_reference(part, n_keys, m, take, bias
     full = padded.view(2, 4, 7, n_blocks, part).amax(-1)
     listed = torch.zeros(2, 4, 7, n_blocks + 1, dtype=torch.bool).scatter(-1, candidates, True)[..., :n_blocks]
     expected = _finite_top(full.masked_fill(~listed, float("-inf")), take)
-    out = ranked_blocks(q_bar.to(DEVICE), keys.to(DEVICE), candidates.to(DEVICE), n_blocks, part, 0.5, take,
+    out = ranked_blocks(q_bar.to(DEVICE), keys.to(DEVICE, dtype), candidates.to(DEVICE), n_blocks, part, 0.5, take,
                         None if row_bias is None else row_bias.to(DEVICE)).cpu()
     assert torch.equal(out, expected)  # the same blocks in the same order: best first, ties to the lower block
 
