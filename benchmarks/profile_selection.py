@@ -8,9 +8,11 @@ last ``--length`` of N keys, as one chunk of a long chunked prefill (e.g. SmolLM
 ``--length 65536 --context 4194304 --heads 9 --kv-heads 3 --dim 64``). ``--variants "STAGES=2;MAX_TILE=1024"``
 also times ``select_blocks`` with the kernels' constants set to each ``;``-separated assignment list, as
 ``variants_ms``: the choice of ``kernels/block_scores.py``'s ROWS, WARPS, STAGES and ``kernels/block_topk.py``'s
-MAX_TILE. ``--selections "prefilter=16;prefilter=16,representatives=16"`` times ``select_blocks`` with the default
-options updated by each ``;``-separated list, as ``selections_ms`` (e.g. the two-stage selection ``prefilter``
-takes). The profile records each operator's device time (``cuda_us``) and its host time (``cpu_us``).
+MAX_TILE, or ``MODULE.NAME`` for another kernel module's (``block_rank.WARPS``); ``--variant-options
+prefilter=16`` times the variants with those select_blocks options. ``--selections
+"prefilter=16;prefilter=16,representatives=16"`` times ``select_blocks`` with the default options updated by each
+``;``-separated list, as ``selections_ms``. The profile records each operator's device time (``cuda_us``) and
+its host time (``cpu_us``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from longreach.attention.core import Positions
 from longreach.attention.select_merge import select_blocks, select_merge
-from longreach.kernels import block_scores, block_topk
+from longreach.kernels import block_rank, block_scores, block_topk
 from longreach.positions import default
 
 SELECTION = ("block_size", "top_k", "local", "sink", "score", "query_rows", "per_head", "score_distance")
@@ -44,27 +46,34 @@ def mean_ms(fn, calls: int = 10) -> float:
     return start.elapsed_time(end) / calls
 
 
-def _owner(name: str) -> object:
-    """The kernel module holding the constant ``name``: the best-key kernel's, else the top-k kernel's."""
-    for module in (block_scores, block_topk):
-        if hasattr(module, name):
-            return module
-    raise SystemExit(f"--variants: no kernel constant {name!r}")
+KERNELS = {"block_scores": block_scores, "block_topk": block_topk, "block_rank": block_rank}
+
+
+def _owner(name: str) -> tuple[object, str]:
+    """The kernel module and constant that ``name`` means: ``module.NAME``, or a bare name of the best-key or the
+    top-k kernel."""
+    module, _, constant = name.rpartition(".")
+    owners = [KERNELS[module]] if module in KERNELS else [block_scores, block_topk] if not module else []
+    found = [m for m in owners if hasattr(m, constant)]
+    if not found:
+        raise SystemExit(f"--variants: no kernel constant {name!r} (NAME of block_scores or block_topk, or "
+                         f"MODULE.NAME with MODULE in {sorted(KERNELS)})")
+    return found[0], constant
 
 
 @contextmanager
 def tiles(**constants: int):
     """The selection kernels' constants (the best-key kernel's ``ROWS``, ``ROWS_FP32``, ``WARPS``, ``STAGES``,
-    the top-k kernel's ``MAX_TILE``) set for the block, then restored."""
-    modules = {name: _owner(name) for name in constants}
-    saved = {name: getattr(modules[name], name) for name in constants}
+    the top-k kernel's ``MAX_TILE``, or any ``module.NAME`` of :data:`KERNELS`) set for the block, then restored."""
+    owners = {name: _owner(name) for name in constants}
+    saved = {name: getattr(*owner) for name, owner in owners.items()}
     for name, value in constants.items():
-        setattr(modules[name], name, value)
+        setattr(*owners[name], value)
     try:
         yield
     finally:
         for name, value in saved.items():
-            setattr(modules[name], name, value)
+            setattr(*owners[name], value)
 
 
 def assignments(text: str) -> dict[str, int]:
@@ -88,6 +97,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--variants", default="", help="NAME=VALUE,...;... kernel constants to time")
     parser.add_argument("--selections", default="", help="NAME=VALUE,...;... select_blocks options to time")
+    parser.add_argument("--variant-options", default="", help="NAME=VALUE,... select_blocks options of --variants")
     args = parser.parse_args()
     torch.manual_seed(0)
     context, kv_heads = args.context or args.length, args.kv_heads or args.heads
@@ -101,7 +111,8 @@ def main() -> None:
     positions = Positions.contiguous(1, args.length, context, "cuda")
     with torch.no_grad():
         selection_ms = mean_ms(lambda: select_blocks(q, k, rope=rope, **options))
-        variants_ms = {variant: variant_ms(variant, lambda: select_blocks(q, k, rope=rope, **options))
+        varied = {**options, **(assignments(args.variant_options) if args.variant_options else {})}
+        variants_ms = {variant: variant_ms(variant, lambda: select_blocks(q, k, rope=rope, **varied))
                        for variant in filter(None, args.variants.split(";"))}
         chosen = {text: {**options, **assignments(text)} for text in filter(None, args.selections.split(";"))}
         selections_ms = {text: mean_ms(lambda opts=opts: select_blocks(q, k, rope=rope, **opts))
@@ -117,7 +128,7 @@ def main() -> None:
     record = {"length": args.length, "context": context, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
               "options": options,
               "device": torch.cuda.get_device_name(), "select_blocks_ms": selection_ms, "forward_ms": forward_ms,
-              "variants_ms": variants_ms, "selections_ms": selections_ms, "profile_calls": 3,
+              "variant_options": varied, "variants_ms": variants_ms, "selections_ms": selections_ms, "profile_calls": 3,
               "cuda_us": {e.key: e.device_time_total for e in on_device[:25] if e.device_time_total},
               "cpu_us": {e.key: e.self_cpu_time_total for e in on_host[:40] if e.self_cpu_time_total}}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
