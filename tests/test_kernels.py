@@ -533,12 +533,13 @@ def test_transpose_lists_each_key_blocks_queries_in_order():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisation is a CUDA matter")
-def test_a_select_merge_training_step_never_waits_on_the_host():
+@pytest.mark.parametrize("options", [{}, {"prefilter": 4}])  # prefilter: the two-stage selection's kernels
+def test_a_select_merge_training_step_never_waits_on_the_host(options):
     from longreach import extend
     from longreach.models import tiny_model
 
     model = tiny_model("llama", hidden_size=256, vocab_size=512).cuda().train()
-    extend(model, attention="select_merge", block_size=32, top_k=2)
+    extend(model, attention="select_merge", block_size=32, top_k=2, **options)
     rows = torch.randint(0, 512, (2, 513), device="cuda")
 
     def step():
