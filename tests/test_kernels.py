@@ -388,11 +388,13 @@ def test_select_blocks_kernel_path_in_chunks_selects_as_the_reference(common, mo
     (40, 1100, 8, 500, 1, 2),  # tiles past a program's last candidate skipped, the one holding it read
     (5, 300, 6, 290, 1, 2),    # rows walked in tiles of 64: ties across tiles go to the lower block
 ])
-def test_top_blocks_kernel_picks_as_the_reference(rows, n, take, first, sink, local, monkeypatch):
+@pytest.mark.parametrize("insert", [0, 1])  # each tile merged, or inserted
+def test_top_blocks_kernel_picks_as_the_reference(rows, n, take, first, sink, local, insert, monkeypatch):
     from longreach.attention.select_merge import top_indices
     from longreach.kernels import block_topk
     from longreach.kernels.block_topk import top_blocks
 
+    monkeypatch.setattr(block_topk, "INSERT", insert)
     if n == 300:
         monkeypatch.setattr(block_topk, "ELEMENTS", 64)
 

@@ -69,3 +69,35 @@ def group_scores(Q, kv, bhk, slots, ok, stride, scale, G: tl.constexpr, ROWS: tl
     m = tl.max(s, 1)
     p = tl.math.exp(s - tl.where(m == float("-inf"), 0.0, m)[:, None])
     return s, m, p, head, g < G
+
+
+@triton.jit
+def keep_better(top_v, top_i, x, at, SLOTS: tl.constexpr):
+    # Each row's kept (value, block) slots (ROWS, SLOTS) with (x, at) (ROWS,) in place of the row's worst kept,
+    # where x beats it. The worst is the lowest value, among equals the highest block, then the highest slot;
+    # a tie loses, since the caller offers blocks after every kept one of equal value. Slots that must never
+    # change hold +inf.
+    slot = tl.arange(0, SLOTS)
+    worst = tl.min(top_v, axis=1)
+    rank = top_i * SLOTS + slot[None, :]
+    evict = tl.max(tl.where(top_v == worst[:, None], rank, -1), axis=1)
+    enter = (x > worst)[:, None] & (rank == evict[:, None])
+    return tl.where(enter, x[:, None], top_v), tl.where(enter, at[:, None], top_i)
+
+
+@triton.jit
+def best_first(top_v, top_i, NB, TAKE: tl.constexpr, SLOTS: tl.constexpr):
+    # The kept blocks (ROWS, SLOTS) int64 ordered best first, ties to the lower block; NB in the slots from TAKE
+    # on and where a kept value is -inf (never filled).
+    slot = tl.arange(0, SLOTS)
+    top_v = tl.where(slot[None, :] < TAKE, top_v, float("-inf"))
+    top_i = tl.where(slot[None, :] < TAKE, top_i, NB)
+    picks = tl.full(top_v.shape, NB, tl.int64)
+    for t in tl.static_range(TAKE):
+        high = tl.max(top_v, axis=1)
+        at = tl.where(high > float("-inf"), tl.min(tl.where(top_v == high[:, None], top_i, NB), axis=1), NB)
+        picks = tl.where(slot[None, :] == t, at.to(tl.int64)[:, None], picks)
+        struck = top_i == at[:, None]
+        top_v = tl.where(struck, float("-inf"), top_v)
+        top_i = tl.where(struck, NB, top_i)
+    return picks
