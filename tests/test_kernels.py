@@ -456,6 +456,20 @@ def test_ranked_blocks_kernel_bad_input():
         ranked_blocks(q, k, cands[:, :1], 4, 16, 1.0, 2)
 
 
+def test_selection_kernels_compile_for_hopper():
+    """The interpreter never lowers a kernel; tests/hopper_compile.py has Triton and ptxas build the selection
+    kernels for sm_90, without a GPU, so a kernel that only the compiler rejects fails here, not on the device."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def test_top_blocks_kernel_bad_input():
     from longreach.kernels.block_topk import top_blocks
 
