@@ -406,7 +406,10 @@ def select_blocks(q: Tensor, k: Tensor, *, block_size: int, top_k: int, local: i
     fused = _fused(score, q, part)
     key_block = torch.arange(n_k, device=device)
     summary = key_summary(k, block_size, score, representatives, v)
-    parts = key_summary(k, block_size, "representatives", representatives) if prefilter else None
+    parts = None
+    if prefilter:  # the first stage's part means, which score="representatives" has already formed
+        parts = summary if score == "representatives" else key_summary(k, block_size, "representatives",
+                                                                        representatives)
     parts_rows = summary_rows("representatives", block_size, representatives) if prefilter else 0
     fused_top = causal and _fused_top(q, n_k, take, per_head or vote == "mean")
     carry = min(carry, take)

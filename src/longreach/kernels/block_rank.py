@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import HEAD_DIMS
+from .block_scores import operands
 from .block_topk import MAX_TAKE
 from .tiles import batch_head
 
@@ -70,22 +70,12 @@ def ranked_blocks(q_bar: Tensor, keys: Tensor, candidates: Tensor, n_blocks: int
     :func:`~longreach.kernels.block_scores.block_max_scores` gives it; q_bar is cast to keys' dtype first and
     the products are summed in float32. Query head j reads kv head j // (h / h_kv)."""
     b, h, nq, d = q_bar.shape
-    h_kv, n_keys = keys.shape[1], keys.shape[2]
-    m = candidates.shape[-1]
-    if d not in HEAD_DIMS or h % h_kv or part & (part - 1) or not 1 <= part <= 128:
-        raise ValueError(f"ranked_blocks kernel: head_dim must be in {HEAD_DIMS}, heads a multiple of kv heads "
-                         f"and part a power of two in [1, 128], got d={d}, heads={h}, kv heads={h_kv}, part={part}")
+    h_kv, n_keys, m = keys.shape[1], keys.shape[2], candidates.shape[-1]
     if candidates.shape[:3] != q_bar.shape[:3] or not 1 <= take <= min(m, MAX_TAKE):
         raise ValueError(f"ranked_blocks kernel: candidates must be (b, h, nq, m) = {tuple(q_bar.shape[:3])} + (m,) "
                          f"and take in 1..min(m, {MAX_TAKE}), got {tuple(candidates.shape)}, take {take}")
-    if bias is not None and bias.shape != keys.shape[:3]:
-        raise ValueError(f"ranked_blocks kernel: bias must be (b, h_kv, n) = {tuple(keys.shape[:3])}, "
-                         f"got {tuple(bias.shape)}")
-    q_bar = q_bar.to(keys.dtype).contiguous()
-    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
-    candidates = candidates.contiguous()
-    has_bias = bias is not None
-    bias = bias.float().contiguous() if has_bias else keys.new_zeros(1, 1, 1, dtype=torch.float32)
+    q_bar, keys, bias, has_bias = operands("ranked_blocks", q_bar, keys, part, bias)
+    candidates = candidates.contiguous()  # the kernel reads a summary's candidates as one run
     out = torch.empty(b, h, nq, take, device=q_bar.device, dtype=torch.int64)
     if not out.numel():
         return out

@@ -76,6 +76,26 @@ def _block_max_kernel(Q, K, BIAS, OUT, sqb, sqh, sqn, skb, skh, skn, sbb, sbh, s
         tl.store(out + blocks[None, :], unseen, mask=(rows < NQ)[:, None] & (blocks < NB)[None, :])
 
 
+def operands(name: str, q_bar: Tensor, keys: Tensor, part: int, bias: Tensor | None
+             ) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """The best-key kernels' checked operands: q_bar (b, h, nq, d) in keys' dtype, keys (b, h_kv, n, d), bias
+    (b, h_kv, n) float32 (a (1, 1, 1) placeholder without one) and whether there is one."""
+    h, d, h_kv = q_bar.shape[1], q_bar.shape[3], keys.shape[1]
+    if d not in HEAD_DIMS or h % h_kv or part & (part - 1) or not 1 <= part <= KEYS:
+        raise ValueError(f"{name} kernel: head_dim must be in {HEAD_DIMS}, heads a multiple of kv heads "
+                         f"and part a power of two in [1, {KEYS}], got d={d}, heads={h}, kv heads={h_kv}, "
+                         f"part={part}")
+    q_bar = q_bar.to(keys.dtype)
+    q_bar = q_bar if q_bar.stride(-1) == 1 else q_bar.contiguous()
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    if bias is not None and bias.shape != keys.shape[:3]:
+        raise ValueError(f"{name} kernel: bias must be (b, h_kv, n) = {tuple(keys.shape[:3])}, "
+                         f"got {tuple(bias.shape)}")
+    if bias is None:
+        return q_bar, keys, keys.new_zeros(1, 1, 1, dtype=torch.float32), False
+    return q_bar, keys, bias.float().contiguous(), True
+
+
 def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scale: float, first: int = 0,
                      bias: Tensor | None = None) -> Tensor:
     """(b, h, nq, n_blocks) float32: for query summary i of q_bar (b, h, nq, d) and key block c, the
@@ -86,18 +106,7 @@ def block_max_scores(q_bar: Tensor, keys: Tensor, n_blocks: int, part: int, scal
     j reads kv head j // (h / h_kv). q_bar is cast to keys' dtype, so 16-bit keys use the tensor cores."""
     b, h, nq, d = q_bar.shape
     h_kv, n_keys = keys.shape[1], keys.shape[2]
-    if d not in HEAD_DIMS or h % h_kv or part & (part - 1) or not 1 <= part <= KEYS:
-        raise ValueError(f"block_max_scores kernel: head_dim must be in {HEAD_DIMS}, heads a multiple of kv heads "
-                         f"and part a power of two in [1, {KEYS}], got d={d}, heads={h}, kv heads={h_kv}, "
-                         f"part={part}")
-    q_bar = q_bar.to(keys.dtype)
-    q_bar = q_bar if q_bar.stride(-1) == 1 else q_bar.contiguous()
-    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
-    if bias is not None and bias.shape != keys.shape[:3]:
-        raise ValueError(f"block_max_scores kernel: bias must be (b, h_kv, n) = {tuple(keys.shape[:3])}, "
-                         f"got {tuple(bias.shape)}")
-    has_bias = bias is not None
-    bias = bias.float().contiguous() if has_bias else keys.new_zeros(1, 1, 1, dtype=torch.float32)
+    q_bar, keys, bias, has_bias = operands("block_max_scores", q_bar, keys, part, bias)
     out = torch.empty(b, h, nq, n_blocks, device=q_bar.device, dtype=torch.float32)
     rows = ROWS_FP32 if keys.dtype == torch.float32 else ROWS
     grid = (b * h, triton.cdiv(nq, rows), triton.cdiv(n_blocks * part, STEPS * KEYS))
