@@ -373,6 +373,21 @@ def test_block_means_of_the_last_rows(block, first, length, last_rows):
     torch.testing.assert_close(block_means(x, block, first, last_rows), torch.stack(expected, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("score", ["mean", "representatives"])
+def test_key_summaries_are_means_in_the_keys_dtype(score, dtype):
+    """Part means of 16-bit keys stay 16-bit, so the best-key kernel scores them on the tensor cores (in float32 it
+    took its FMA path, 11x slower than scoring every key at 64K on the H200)."""
+    from longreach.attention.select_merge import key_summary
+
+    k = torch.randn(2, 3, 70, 8, dtype=torch.float64).to(dtype)
+    (summary,) = key_summary(k, 16, score, 4)
+    rows = 4 if score == "representatives" else 16  # a part's rows; the last part holds what is left
+    expected = torch.stack([k[:, :, i : i + rows].double().mean(2) for i in range(0, 70, rows)], 2).to(dtype)
+    assert summary.dtype == dtype
+    torch.testing.assert_close(summary[:, :, 0], expected)
+
+
 def _noncausal_kept(q, k, block, top_k, local, sink, score, query_rows, per_head):
     """Brute force: per (batch, head, query block), the key blocks non-causal select-and-merge keeps."""
     b, h, lq, d = q.shape
