@@ -12,7 +12,8 @@ MAX_TILE, or ``MODULE.NAME`` for another kernel module's (``block_rank.WARPS``);
 prefilter=16`` times the variants with those select_blocks options. ``--selections
 "prefilter=16;prefilter=16,representatives=16"`` times ``select_blocks`` with the default options updated by each
 ``;``-separated list, as ``selections_ms``. The profile records each operator's device time (``cuda_us``) and
-its host time (``cpu_us``).
+its host time (``cpu_us``), of ``select_blocks`` with the default options updated by ``--profile-options
+prefilter=16``, if given.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="NAME=VALUE,...;... kernel constants to time")
     parser.add_argument("--selections", default="", help="NAME=VALUE,...;... select_blocks options to time")
     parser.add_argument("--variant-options", default="", help="NAME=VALUE,... select_blocks options of --variants")
+    parser.add_argument("--profile-options", default="", help="NAME=VALUE,... select_blocks options of the profile")
     args = parser.parse_args()
     torch.manual_seed(0)
     context, kv_heads = args.context or args.length, args.kv_heads or args.heads
@@ -118,9 +120,10 @@ def main() -> None:
         selections_ms = {text: mean_ms(lambda opts=opts: select_blocks(q, k, rope=rope, **opts))
                          for text, opts in chosen.items()}
         forward_ms = mean_ms(lambda: select_merge(q, k, v, positions=positions, rope=rope))
+        profiled = {**options, **(assignments(args.profile_options) if args.profile_options else {})}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
-                select_blocks(q, k, rope=rope, **options)
+                select_blocks(q, k, rope=rope, **profiled)
             torch.cuda.synchronize()
     events = prof.key_averages()
     on_device = sorted(events, key=lambda e: -e.device_time_total)
@@ -128,7 +131,8 @@ def main() -> None:
     record = {"length": args.length, "context": context, "heads": args.heads, "kv_heads": kv_heads, "dim": args.dim,
               "options": options,
               "device": torch.cuda.get_device_name(), "select_blocks_ms": selection_ms, "forward_ms": forward_ms,
-              "variant_options": varied, "variants_ms": variants_ms, "selections_ms": selections_ms, "profile_calls": 3,
+              "variant_options": varied, "variants_ms": variants_ms, "selections_ms": selections_ms,
+              "profile_options": profiled, "profile_calls": 3,
               "cuda_us": {e.key: e.device_time_total for e in on_device[:25] if e.device_time_total},
               "cpu_us": {e.key: e.self_cpu_time_total for e in on_host[:40] if e.self_cpu_time_total}}
     args.out.write_text(json.dumps(record, indent=1) + "\n")
