@@ -78,8 +78,8 @@ def tiles(**constants: int):
 
 
 def assignments(text: str) -> dict[str, int]:
-    """``NAME=VALUE,...`` as {NAME: int(VALUE)}."""
-    return {name: int(value) for name, value in (part.split("=") for part in text.split(","))}
+    """``NAME=VALUE,...`` as {NAME: int(VALUE)}; {} for no text."""
+    return {name: int(value) for name, value in (part.split("=") for part in filter(None, text.split(",")))}
 
 
 def variant_ms(variant: str, fn) -> float:
@@ -113,14 +113,14 @@ def main() -> None:
     positions = Positions.contiguous(1, args.length, context, "cuda")
     with torch.no_grad():
         selection_ms = mean_ms(lambda: select_blocks(q, k, rope=rope, **options))
-        varied = {**options, **(assignments(args.variant_options) if args.variant_options else {})}
+        varied = {**options, **assignments(args.variant_options)}
         variants_ms = {variant: variant_ms(variant, lambda: select_blocks(q, k, rope=rope, **varied))
                        for variant in filter(None, args.variants.split(";"))}
         chosen = {text: {**options, **assignments(text)} for text in filter(None, args.selections.split(";"))}
         selections_ms = {text: mean_ms(lambda opts=opts: select_blocks(q, k, rope=rope, **opts))
                          for text, opts in chosen.items()}
         forward_ms = mean_ms(lambda: select_merge(q, k, v, positions=positions, rope=rope))
-        profiled = {**options, **(assignments(args.profile_options) if args.profile_options else {})}
+        profiled = {**options, **assignments(args.profile_options)}
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 select_blocks(q, k, rope=rope, **profiled)
